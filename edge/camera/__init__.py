@@ -1,0 +1,1 @@
+"""Camera backends behind one interface; see :mod:`edge.camera.base`."""

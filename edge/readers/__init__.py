@@ -1,0 +1,1 @@
+"""Region readers: OCR for text, zbar for QR codes and barcodes."""
