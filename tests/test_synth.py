@@ -1,0 +1,164 @@
+"""Tests for the scene generator in edge.synth and the bundled sample frames."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import re
+from pathlib import Path
+from types import ModuleType
+
+import cv2
+import numpy as np
+import pytest
+
+from edge.synth import CLASS_NAMES, render_scene
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "edge" / "samples"
+CLEAN_SEEDS = range(40)
+
+
+def _load_make_samples() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "make_samples", REPO / "scripts" / "make_samples.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _normalise(text: str) -> str:
+    """Drop case, whitespace and rule lines of dashes, which OCR reads inconsistently."""
+    return re.sub(r"[\s\-]+", "", text).lower()
+
+
+def test_render_scene_same_seed_same_output() -> None:
+    """The same seed gives the same pixels and objects."""
+    first = render_scene(np.random.default_rng(7))
+    second = render_scene(np.random.default_rng(7))
+    assert np.array_equal(first.image, second.image)
+    assert first.objects == second.objects
+
+
+def test_render_scene_different_seed_different_image() -> None:
+    """Different seeds give different frames."""
+    first = render_scene(np.random.default_rng(1))
+    second = render_scene(np.random.default_rng(2))
+    assert not np.array_equal(first.image, second.image)
+
+
+@pytest.mark.parametrize("distortions", [False, True])
+def test_render_scene_image_format(distortions: bool) -> None:
+    """The frame is H x W x 3 uint8 and C-contiguous, at the requested size."""
+    scene = render_scene(np.random.default_rng(3), 640, 360, distortions=distortions)
+    assert scene.image.shape == (360, 640, 3)
+    assert scene.image.dtype == np.uint8
+    assert scene.image.flags["C_CONTIGUOUS"]
+
+
+@pytest.mark.parametrize("distortions", [False, True])
+def test_render_scene_boxes_inside_frame(distortions: bool) -> None:
+    """Every box lies inside the frame and is at least 8 pixels on each side."""
+    for seed in range(30):
+        scene = render_scene(np.random.default_rng(seed), distortions=distortions)
+        for obj in scene.objects:
+            x, y, w, h = obj.box
+            assert x >= 0, (seed, obj)
+            assert y >= 0, (seed, obj)
+            assert x + w <= 1280, (seed, obj)
+            assert y + h <= 720, (seed, obj)
+            assert min(w, h) >= 8, (seed, obj)
+
+
+def test_render_scene_counts_within_ranges() -> None:
+    """Object counts per kind stay within the requested inclusive ranges."""
+    for seed in range(20):
+        scene = render_scene(np.random.default_rng(seed), labels=(2, 3), codes=(1, 2))
+        texts = sum(o.class_name == "text" for o in scene.objects)
+        codes = sum(o.class_name != "text" for o in scene.objects)
+        assert texts <= 3, seed
+        assert codes <= 2, seed
+        assert texts + codes >= 3, seed
+
+
+def test_render_scene_classes_known() -> None:
+    """Objects only use the published class names and have a value."""
+    for seed in range(20):
+        for obj in render_scene(np.random.default_rng(seed)).objects:
+            assert obj.class_name in CLASS_NAMES
+            assert obj.value
+
+
+def test_render_scene_invalid_range_raises() -> None:
+    """A reversed count range is rejected."""
+    with pytest.raises(ValueError, match="labels"):
+        render_scene(np.random.default_rng(0), labels=(3, 1))
+
+
+def test_render_scene_clean_codes_decode() -> None:
+    """pyzbar decodes more than 90 % of codes in clean frames to their payload."""
+    pyzbar = pytest.importorskip("pyzbar.pyzbar")
+    decoded = total = 0
+    for seed in CLEAN_SEEDS:
+        scene = render_scene(
+            np.random.default_rng(seed), labels=(0, 1), codes=(1, 3), distortions=False
+        )
+        gray = cv2.cvtColor(scene.image, cv2.COLOR_BGR2GRAY)
+        for obj in scene.objects:
+            if obj.class_name == "text":
+                continue
+            x, y, w, h = (int(v) for v in obj.box)
+            crop = gray[max(0, y - 20) : y + h + 20, max(0, x - 20) : x + w + 20]
+            payloads = {r.data.decode("utf-8") for r in pyzbar.decode(crop)}
+            total += 1
+            decoded += obj.value in payloads
+    assert total >= 40
+    assert decoded / total > 0.9
+
+
+def test_render_scene_clean_text_readable() -> None:
+    """rapidocr reads clean text blocks with a mean character similarity of at least 0.85."""
+    rapidocr = pytest.importorskip("rapidocr_onnxruntime")
+    engine = rapidocr.RapidOCR()
+    ratios = []
+    for seed in range(6):
+        scene = render_scene(
+            np.random.default_rng(seed), labels=(1, 1), codes=(0, 0), distortions=False
+        )
+        x, y, w, h = (int(v) for v in scene.objects[0].box)
+        crop = scene.image[max(0, y - 10) : y + h + 10, max(0, x - 10) : x + w + 10]
+        result, _ = engine(crop)
+        read = "".join(line[1] for line in result or [])
+        expected = _normalise(scene.objects[0].value)
+        ratios.append(difflib.SequenceMatcher(None, expected, _normalise(read)).ratio())
+    assert float(np.mean(ratios)) >= 0.85, ratios
+
+
+def test_samples_match_make_samples() -> None:
+    """The committed sample frames and expected.json match a fresh make_samples render."""
+    make_samples = _load_make_samples()
+    expected = json.loads((SAMPLES / "expected.json").read_text(encoding="utf-8"))
+    assert len(expected["frames"]) == len(make_samples.FRAME_PLAN)
+    for index, frame in enumerate(expected["frames"]):
+        image, objects = make_samples.sample_objects(index)
+        assert frame["objects"] == objects, frame["file"]
+        stored = cv2.imread(str(SAMPLES / frame["file"]))
+        assert stored is not None, frame["file"]
+        assert stored.shape == (720, 1280, 3), frame["file"]
+        # Encode the fresh render the same way, so that only a changed scene or a different
+        # JPEG library build makes the pixels differ.
+        quality = [cv2.IMWRITE_JPEG_QUALITY, make_samples.JPEG_QUALITY]
+        encoded = cv2.imdecode(cv2.imencode(".jpg", image, quality)[1], cv2.IMREAD_COLOR)
+        error = np.abs(stored.astype(np.int16) - encoded.astype(np.int16)).mean()
+        assert error < 1.0, frame["file"]
+
+
+def test_samples_cover_all_classes() -> None:
+    """The sample frames together contain text, QR codes and barcodes."""
+    expected = json.loads((SAMPLES / "expected.json").read_text(encoding="utf-8"))
+    classes = {obj["class"] for frame in expected["frames"] for obj in frame["objects"]}
+    assert classes == set(CLASS_NAMES)
