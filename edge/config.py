@@ -1,0 +1,330 @@
+"""Typed, validated daemon configuration loaded from TOML.
+
+Every section is a frozen dataclass. :func:`load_config` rejects unknown keys, wrong types and
+out-of-range values with a :class:`~edge.errors.ConfigError` naming the dotted key path, so a
+bad file fails at start instead of in the middle of the night.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import socket
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from edge.errors import ConfigError
+
+#: Folder of the default detector shipped with the project (``models/`` beside ``edge/``).
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+#: Bundled sample frames that ``edge run`` replays when no configuration is given.
+SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+
+
+def _bounds(low: float | None = None, high: float | None = None) -> dict[str, Any]:
+    return {"min": low, "max": high}
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Identity of this device.
+
+    Attributes:
+        id: Device id used in MQTT topics and payloads; defaults to the host name.
+    """
+
+    id: str = field(default_factory=socket.gethostname)
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    """Where frames come from.
+
+    Attributes:
+        kind: ``simulated`` (image file, folder of images or video file), ``opencv`` (USB
+            webcam through V4L2) or ``picamera2`` (Raspberry Pi camera).
+        path: File or folder for ``simulated``; ``None`` replays the bundled sample frames.
+        fps: Capture rate in frames per second; 0 hands every frame over in order as fast as
+            the pipeline takes them (simulated only).
+        loop: Start the simulated source over after its last frame.
+        device: Device index or path for ``opencv``.
+        width: Requested capture width in pixels for live cameras; 0 keeps the default.
+        height: Requested capture height in pixels for live cameras; 0 keeps the default.
+    """
+
+    kind: Literal["simulated", "opencv", "picamera2"] = "simulated"
+    path: Path | None = None
+    fps: float = field(default=2.0, metadata=_bounds(0, 240))
+    loop: bool = False
+    device: str = "0"
+    width: int = field(default=0, metadata=_bounds(0, 10000))
+    height: int = field(default=0, metadata=_bounds(0, 10000))
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """The ONNX region detector.
+
+    Attributes:
+        model: ONNX model file; defaults to ``models/detector.onnx`` of the project.
+        labels: Optional file with one class name per line, for models without ``names``
+            metadata.
+        score_threshold: Minimum confidence of a detection, 0..1.
+        iou_threshold: Overlap above which non-maximum suppression drops a box, 0..1.
+        threads: onnxruntime intra-op threads; 0 uses every CPU this process may use.
+    """
+
+    model: Path = MODELS_DIR / "detector.onnx"
+    labels: Path | None = None
+    score_threshold: float = field(default=0.3, metadata=_bounds(0, 1))
+    iou_threshold: float = field(default=0.45, metadata=_bounds(0, 1))
+    threads: int = field(default=0, metadata=_bounds(0, 64))
+
+
+@dataclass(frozen=True)
+class TextReaderConfig:
+    """OCR settings.
+
+    Attributes:
+        threads: onnxruntime intra-op threads per OCR call.
+        use_angle_classifier: Run the text-direction classifier (for upside-down text).
+        min_score: Lines recognised with a lower confidence (0..1) are dropped.
+    """
+
+    threads: int = field(default=1, metadata=_bounds(1, 64))
+    use_angle_classifier: bool = False
+    min_score: float = field(default=0.5, metadata=_bounds(0, 1))
+
+
+@dataclass(frozen=True)
+class ReadersConfig:
+    """Which reader handles which detector class.
+
+    Attributes:
+        routes: Detector class name to reader name (``text`` or ``codes``); regions of
+            classes not listed are reported without being read.
+        text: OCR settings.
+    """
+
+    routes: dict[str, str] = field(
+        default_factory=lambda: {"text": "text", "qr_code": "codes", "barcode": "codes"}
+    )
+    text: TextReaderConfig = field(default_factory=TextReaderConfig)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """How regions are read.
+
+    Attributes:
+        concurrency: Regions read at the same time per reader kind.
+        op_timeout: Seconds one region read may take before it is reported as ``timeout``.
+        frame_deadline: Seconds all region reads of one frame may take together.
+        full_frame_codes: When to decode codes over the whole frame as well: ``never``,
+            ``always``, or ``when_none_read`` (when no detected region yielded a code).
+    """
+
+    concurrency: int = field(default=2, metadata=_bounds(1, 64))
+    op_timeout: float = field(default=5.0, metadata=_bounds(0.01, 600))
+    frame_deadline: float = field(default=10.0, metadata=_bounds(0.01, 3600))
+    full_frame_codes: Literal["never", "always", "when_none_read"] = "when_none_read"
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    """The MQTT broker results are published to.
+
+    Attributes:
+        enabled: Publish at all; ``false`` prints nothing and publishes nothing.
+        host: Broker host name or address.
+        port: Broker TCP port.
+        topic_prefix: First topic level; topics are ``{topic_prefix}/{device_id}/...``.
+        client_id: MQTT client id; defaults to ``edge-{device_id}``.
+        keepalive: Seconds between keep-alive pings.
+        connect_timeout: Seconds to wait for the broker's CONNACK.
+    """
+
+    enabled: bool = True
+    host: str = "localhost"
+    port: int = field(default=1883, metadata=_bounds(1, 65535))
+    topic_prefix: str = "edge"
+    client_id: str | None = None
+    keepalive: int = field(default=30, metadata=_bounds(5, 3600))
+    connect_timeout: float = field(default=5.0, metadata=_bounds(0.1, 120))
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Log levels.
+
+    Attributes:
+        level: Level of the root logger (``DEBUG``, ``INFO``, ``WARNING``, ``ERROR``).
+        levels: Levels of single loggers by name, e.g. ``{"edge.pipeline" = "DEBUG"}``.
+    """
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    levels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; every section has defaults."""
+
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    camera: CameraConfig = field(default_factory=CameraConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    readers: ReadersConfig = field(default_factory=ReadersConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+_READERS = ("text", "codes")
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def load_config(path: Path | None) -> Config:
+    """Load and validate a TOML configuration file; ``None`` gives the defaults.
+
+    Relative paths in the file are resolved against the file's folder.
+
+    Raises:
+        ConfigError: The file is missing, is not valid TOML, or has an invalid value.
+    """
+    if path is None:
+        return parse_config({})
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        msg = f"configuration file not found: {path}"
+        raise ConfigError(msg) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        msg = f"cannot read configuration file {path}: {exc}"
+        raise ConfigError(msg) from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        msg = f"invalid TOML in {path}: {exc}"
+        raise ConfigError(msg) from exc
+    return parse_config(data, base_dir=path.resolve().parent)
+
+
+def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> Config:
+    """Validate a configuration mapping (as parsed from TOML) into a :class:`Config`.
+
+    Raises:
+        ConfigError: An unknown key, a wrong type or an out-of-range value, naming its key path.
+    """
+    config: Config = _build(Config, data, "", base_dir or Path.cwd())
+    _check_cross_fields(config)
+    return config
+
+
+def _build(cls: type[Any], data: object, prefix: str, base_dir: Path) -> Any:
+    if not isinstance(data, dict):
+        msg = f"expected a table, got {type(data).__name__}"
+        raise ConfigError(msg, key=prefix.rstrip(".") or None)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        msg = f"unknown key; valid keys here are {', '.join(sorted(fields))}"
+        raise ConfigError(msg, key=prefix + unknown[0])
+    values = {
+        name: _convert(hints[name], value, prefix + name, fields[name].metadata, base_dir)
+        for name, value in data.items()
+    }
+    return cls(**values)
+
+
+def _convert(
+    hint: Any, value: object, key: str, meta: typing.Mapping[str, Any], base_dir: Path
+) -> object:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(typing.cast("type[Any]", hint), value, key + ".", base_dir)
+    if origin in (types.UnionType, typing.Union):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _convert(options[0], value, key, meta, base_dir)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            msg = f"invalid value {value!r}; expected one of {', '.join(map(repr, choices))}"
+            raise ConfigError(msg, key=key)
+        return value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            msg = "expected a table of strings"
+            raise ConfigError(msg, key=key)
+        return dict(value)
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            msg = f"expected a non-empty path string, got {value!r}"
+            raise ConfigError(msg, key=key)
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else base_dir / path
+    return _convert_scalar(hint, value, key, meta)
+
+
+def _convert_scalar(hint: Any, value: object, key: str, meta: typing.Mapping[str, Any]) -> object:
+    # bool is a subclass of int in Python; TOML keeps them apart, and so do we.
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value  # type: ignore[arg-type]
+    else:
+        ok = isinstance(value, hint)
+    if not ok:
+        msg = f"expected {hint.__name__}, got {type(value).__name__} {value!r}"
+        raise ConfigError(msg, key=key)
+    if isinstance(value, float) and not math.isfinite(value):
+        msg = f"expected a finite number, got {value!r}"
+        raise ConfigError(msg, key=key)
+    low, high = meta.get("min"), meta.get("max")
+    if isinstance(value, int | float) and (
+        (low is not None and value < low) or (high is not None and value > high)
+    ):
+        msg = f"value {value!r} out of range; expected {low} to {high}"
+        raise ConfigError(msg, key=key)
+    if isinstance(value, str) and not value:
+        msg = "expected a non-empty string"
+        raise ConfigError(msg, key=key)
+    return value
+
+
+def _check_cross_fields(config: Config) -> None:
+    for class_name, reader in config.readers.routes.items():
+        if reader not in _READERS:
+            msg = f"unknown reader {reader!r}; expected one of {', '.join(_READERS)}"
+            raise ConfigError(msg, key=f"readers.routes.{class_name}")
+    for logger_name, level in config.logging.levels.items():
+        if level.upper() not in _LEVELS:
+            msg = f"invalid log level {level!r}; expected one of {', '.join(_LEVELS)}"
+            raise ConfigError(msg, key=f"logging.levels.{logger_name}")
+    if config.pipeline.op_timeout > config.pipeline.frame_deadline:
+        msg = (
+            f"op_timeout {config.pipeline.op_timeout} s exceeds frame_deadline "
+            f"{config.pipeline.frame_deadline} s; lower op_timeout or raise frame_deadline"
+        )
+        raise ConfigError(msg, key="pipeline.op_timeout")
+    if config.camera.kind != "simulated" and config.camera.path is not None:
+        msg = f"path is only used by the simulated camera, not by {config.camera.kind!r}"
+        raise ConfigError(msg, key="camera.path")
+    path = config.camera.path
+    if config.camera.kind == "simulated" and path is not None and not path.exists():
+        msg = f"path not found: {path}; set camera.path to an image, a folder or a video"
+        raise ConfigError(msg, key="camera.path")
+    model = config.detector.model
+    if not model.is_file():
+        msg = f"model file not found: {model}; set detector.model to an ONNX file"
+        raise ConfigError(msg, key="detector.model")
+    if config.detector.labels is not None and not config.detector.labels.is_file():
+        msg = f"labels file not found: {config.detector.labels}"
+        raise ConfigError(msg, key="detector.labels")

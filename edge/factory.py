@@ -1,0 +1,65 @@
+"""Build the detector, readers and pipeline from a :class:`~edge.config.Config`."""
+
+from __future__ import annotations
+
+import logging
+
+from edge.config import Config
+from edge.detector import Detector
+from edge.pipeline import Pipeline, PipelineOptions
+from edge.readers.base import Reader
+from edge.readers.codes import CodeReader
+from edge.readers.text import TextReader
+
+logger = logging.getLogger(__name__)
+
+
+def build_readers(config: Config) -> dict[str, Reader]:
+    """Create one instance of each reader that a route names, keyed by reader name."""
+    wanted = set(config.readers.routes.values())
+    readers: dict[str, Reader] = {}
+    if "text" in wanted:
+        text = config.readers.text
+        readers["text"] = TextReader(
+            threads=text.threads,
+            use_angle_classifier=text.use_angle_classifier,
+            min_score=text.min_score,
+        )
+    if "codes" in wanted or config.pipeline.full_frame_codes != "never":
+        readers["codes"] = CodeReader()
+    return readers
+
+
+def build_pipeline(config: Config) -> Pipeline:
+    """Load the detector and readers (warming them up) and return a ready pipeline.
+
+    This blocks for as long as the models take to load: call it from a worker thread when
+    an event loop is running.
+    """
+    detector_config = config.detector
+    detector = Detector(
+        detector_config.model,
+        labels_path=detector_config.labels,
+        score_threshold=detector_config.score_threshold,
+        iou_threshold=detector_config.iou_threshold,
+        threads=detector_config.threads or None,
+    )
+    detector.warm_up()
+    readers = build_readers(config)
+    for reader in readers.values():
+        reader.warm_up()
+    routes = {cls: readers[name] for cls, name in config.readers.routes.items()}
+    unknown = sorted(set(routes) - set(detector.class_names))
+    if unknown:
+        logger.warning(
+            "readers.routes names classes the detector does not have: %s (it has %s)",
+            ", ".join(unknown),
+            ", ".join(detector.class_names),
+        )
+    options = PipelineOptions(
+        concurrency=config.pipeline.concurrency,
+        op_timeout=config.pipeline.op_timeout,
+        frame_deadline=config.pipeline.frame_deadline,
+        full_frame_codes=config.pipeline.full_frame_codes,
+    )
+    return Pipeline(detector, routes, code_reader=readers.get("codes"), options=options)

@@ -1,0 +1,320 @@
+"""Frame to frame result: detect regions, read each one under the WaitGroup, collect outcomes.
+
+Detection runs on a dedicated single-thread executor, because one onnxruntime session already
+uses the cores it is given. Region reads are WaitGroup operations: thread kind for readers that
+release the GIL (OCR), process kind for readers that may crash or hang (zbar). One reusable
+group serves every frame; each frame is one epoch of it, so the group's deadline is the frame
+deadline and a read that overruns ``op_timeout`` costs its own region only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+
+from edge.readers.base import Reader
+from edge.results import (
+    Box,
+    Code,
+    Frame,
+    FrameResult,
+    Image,
+    Origin,
+    Reading,
+    Region,
+    RegionResult,
+    RegionStatus,
+    TextLine,
+)
+from edge.waitgroup import DeadlineExceeded, OpHandle, OpResult, Outcome, WaitGroup
+
+logger = logging.getLogger(__name__)
+
+FullFramePolicy = Literal["never", "always", "when_none_read"]
+
+#: Boxes narrower or lower than this many pixels are rejected before any reader sees them.
+MIN_REGION_SIDE = 4
+#: Extra margin around a crop, as a share of the box size, so codes keep part of their quiet
+#: zone and text its ascenders.
+CROP_MARGIN = 0.06
+
+
+class RegionDetector(Protocol):
+    """What the pipeline needs of a detector."""
+
+    def detect(self, image: Image) -> list[Region]:
+        """Return the regions found in a BGR frame."""
+        ...
+
+    def close(self) -> None:
+        """Release the model."""
+        ...
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """Settings of :class:`Pipeline`; see ``PipelineConfig`` for their meaning."""
+
+    concurrency: int = 2
+    op_timeout: float = 5.0
+    frame_deadline: float = 10.0
+    full_frame_codes: FullFramePolicy = "when_none_read"
+
+
+@dataclass(frozen=True, eq=False)
+class _Job:
+    """One region to read: the crop a reader gets and where it sits in the frame."""
+
+    region: Region
+    reader: Reader | None
+    origin: Origin
+    crop: Image | None = None
+    offset: tuple[int, int] = (0, 0)
+
+
+class Pipeline:
+    """Turns frames into :class:`FrameResult` objects.
+
+    Args:
+        detector: Finds regions in a frame.
+        routes: Detector class name to the reader of that class; regions of other classes
+            are reported with no reader and status ``empty``.
+        code_reader: Reader for the full-frame code decode (see ``full_frame_codes``), or
+            ``None`` to never run it.
+        options: Concurrency, timeouts and the full-frame policy.
+    """
+
+    def __init__(
+        self,
+        detector: RegionDetector,
+        routes: Mapping[str, Reader],
+        *,
+        code_reader: Reader | None = None,
+        options: PipelineOptions | None = None,
+    ) -> None:
+        self._detector = detector
+        self._routes = dict(routes)
+        self._code_reader = code_reader
+        self._options = options or PipelineOptions()
+        self._detect_executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="edge-detector"
+        )
+        self._group = WaitGroup(
+            limit=self._options.concurrency,
+            op_timeout=self._options.op_timeout,
+            deadline=self._options.frame_deadline,
+            name="edge.readers",
+        )
+
+    @property
+    def group(self) -> WaitGroup:
+        """The WaitGroup that runs region reads (for statistics)."""
+        return self._group
+
+    async def process(self, frame: Frame) -> FrameResult:
+        """Detect and read every region of one frame."""
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        detections = await loop.run_in_executor(
+            self._detect_executor, self._detector.detect, frame.image
+        )
+        detected_at = time.perf_counter()
+        regions, rejected = _accept_regions(detections, frame.seq)
+        results = await self._read_all(frame, regions)
+        finished = time.perf_counter()
+        return FrameResult(
+            seq=frame.seq,
+            captured_at=frame.captured_at,
+            width=frame.width,
+            height=frame.height,
+            source=frame.source,
+            regions=tuple(results),
+            timings_ms={
+                "detect": (detected_at - started) * 1000,
+                "read": (finished - detected_at) * 1000,
+                "total": (finished - started) * 1000,
+            },
+            rejected_regions=rejected,
+        )
+
+    async def _read_all(self, frame: Frame, regions: Sequence[Region]) -> list[RegionResult]:
+        jobs = [self._job_for(frame, region) for region in regions]
+        policy = self._options.full_frame_codes
+        code_classes = {c for c, r in self._routes.items() if r is self._code_reader}
+        has_code_region = any(r.class_name in code_classes for r in regions)
+        # With no code region detected, the full-frame decode cannot be made redundant by a
+        # region read, so it starts at once beside them instead of after them.
+        early_fallback = self._code_reader is not None and (
+            policy == "always" or (policy == "when_none_read" and not has_code_region)
+        )
+        if early_fallback:
+            jobs.append(self._full_frame_job(frame))
+        outcomes = await self._run(frame, jobs)
+        results = _assemble(jobs, outcomes)
+        late_fallback = (
+            not early_fallback
+            and self._code_reader is not None
+            and policy == "when_none_read"
+            and not any(r.reading.codes for r in results)
+        )
+        if late_fallback:
+            job = self._full_frame_job(frame)
+            results += _assemble([job], await self._run(frame, [job]))
+        return _split_full_frame(results)
+
+    def _job_for(self, frame: Frame, region: Region) -> _Job:
+        reader = self._routes.get(region.class_name)
+        if reader is None:
+            return _Job(region, None, Origin.DETECTOR)
+        crop, offset = _crop(frame.image, region.box)
+        return _Job(region, reader, Origin.DETECTOR, crop, offset)
+
+    def _full_frame_job(self, frame: Frame) -> _Job:
+        box = Box(0, 0, frame.width, frame.height)
+        return _Job(Region("frame", 1.0, box), self._code_reader, Origin.FULL_FRAME, frame.image)
+
+    async def _run(self, frame: Frame, jobs: Sequence[_Job]) -> dict[int, OpResult | None]:
+        handles: dict[int, OpHandle[Reading] | None] = {}
+        for job in jobs:
+            reader = job.reader
+            if reader is None or job.crop is None:
+                continue
+            name = f"edge.read.{reader.name}[{frame.seq}]"
+            try:
+                handles[id(job)] = await self._group.go(
+                    reader.read,
+                    job.crop,
+                    kind=reader.kind,
+                    name=name,
+                    on_cancel=reader.cancel if reader.kind == "thread" else None,
+                )
+            except DeadlineExceeded:
+                handles[id(job)] = None
+        await self._group.wait()
+        self._group.take_results()
+        return {key: (h.result if h is not None else None) for key, h in handles.items()}
+
+    async def aclose(self) -> None:
+        """Stop the reader workers and the detector thread, then release the models."""
+        await self._group.aclose()
+        self._detect_executor.shutdown(wait=True, cancel_futures=True)
+        readers = {id(r): r for r in [*self._routes.values(), self._code_reader] if r is not None}
+        for reader in readers.values():
+            reader.close()
+        self._detector.close()
+
+
+def _accept_regions(detections: Sequence[Region], seq: int) -> tuple[list[Region], int]:
+    accepted = [
+        r
+        for r in detections
+        if r.box.w >= MIN_REGION_SIDE and r.box.h >= MIN_REGION_SIDE and np.isfinite(r.score)
+    ]
+    rejected = len(detections) - len(accepted)
+    if rejected:
+        logger.debug("frame %d: rejected %d degenerate regions", seq, rejected)
+    return accepted, rejected
+
+
+def _crop(image: Image, box: Box) -> tuple[Image, tuple[int, int]]:
+    height, width = image.shape[:2]
+    margin_x = round(box.w * CROP_MARGIN)
+    margin_y = round(box.h * CROP_MARGIN)
+    left, top = max(0, box.x - margin_x), max(0, box.y - margin_y)
+    right = min(width, box.x + box.w + margin_x)
+    bottom = min(height, box.y + box.h + margin_y)
+    return np.ascontiguousarray(image[top:bottom, left:right]), (left, top)
+
+
+def _shift(box: Box | None, dx: int, dy: int) -> Box | None:
+    return None if box is None else Box(box.x + dx, box.y + dy, box.w, box.h)
+
+
+def _to_frame(reading: Reading, offset: tuple[int, int]) -> Reading:
+    dx, dy = offset
+    if dx == 0 and dy == 0:
+        return reading
+    codes = tuple(Code(c.format, c.data, c.text, _shift(c.box, dx, dy)) for c in reading.codes)
+    lines = tuple(TextLine(t.text, t.score, _shift(t.box, dx, dy)) for t in reading.lines)
+    return Reading(codes, lines)
+
+
+def _assemble(jobs: Sequence[_Job], outcomes: Mapping[int, OpResult | None]) -> list[RegionResult]:
+    results = []
+    for job in jobs:
+        if job.reader is None:
+            results.append(RegionResult(job.region, None, RegionStatus.EMPTY, origin=job.origin))
+            continue
+        results.append(_region_result(job, job.reader.name, outcomes.get(id(job))))
+    return results
+
+
+def _region_result(job: _Job, reader: str, op: OpResult | None) -> RegionResult:
+    if op is None or op.outcome in (Outcome.REJECTED, Outcome.CANCELLED):
+        return RegionResult(
+            job.region,
+            reader,
+            RegionStatus.TIMEOUT,
+            origin=job.origin,
+            error="not started before the frame deadline",
+        )
+    elapsed = (op.run_time or 0.0) * 1000
+    if op.outcome is Outcome.SUCCEEDED:
+        reading = _to_frame(op.value, job.offset)
+        status = RegionStatus.EMPTY if reading.empty else RegionStatus.OK
+        return RegionResult(job.region, reader, status, reading, elapsed, job.origin)
+    if op.outcome is Outcome.TIMED_OUT:
+        why = "frame deadline" if op.reason == "deadline" else "operation timeout"
+        logger.warning("%s: read of %s region timed out (%s)", op.name, job.region.class_name, why)
+        return RegionResult(
+            job.region,
+            reader,
+            RegionStatus.TIMEOUT,
+            elapsed_ms=elapsed,
+            origin=job.origin,
+            error=f"timed out ({why}) after {elapsed:.0f} ms",
+        )
+    error = f"{type(op.error).__name__}: {op.error}"
+    logger.warning("%s: read of %s region failed: %s", op.name, job.region.class_name, error)
+    return RegionResult(
+        job.region, reader, RegionStatus.ERROR, elapsed_ms=elapsed, origin=job.origin, error=error
+    )
+
+
+def _split_full_frame(results: list[RegionResult]) -> list[RegionResult]:
+    """Replace the full-frame result by one region per code it found, skipping known codes."""
+    known = {
+        (c.format, c.data) for r in results if r.origin is Origin.DETECTOR for c in r.reading.codes
+    }
+    output = [r for r in results if r.origin is Origin.DETECTOR]
+    for result in results:
+        if result.origin is not Origin.FULL_FRAME:
+            continue
+        if result.status is not RegionStatus.OK:
+            if result.status is not RegionStatus.EMPTY:
+                output.append(result)
+            continue
+        for code in result.reading.codes:
+            if (code.format, code.data) in known:
+                continue
+            known.add((code.format, code.data))
+            class_name = "qr_code" if code.format == "QRCODE" else "barcode"
+            box = code.box or result.region.box
+            output.append(
+                RegionResult(
+                    Region(class_name, 1.0, box),
+                    result.reader,
+                    RegionStatus.OK,
+                    Reading(codes=(code,)),
+                    result.elapsed_ms,
+                    Origin.FULL_FRAME,
+                )
+            )
+    return output

@@ -1,0 +1,189 @@
+"""The daemon: camera to pipeline to publisher until the source ends or a signal arrives."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+
+from edge import __version__
+from edge.camera.base import Camera
+from edge.camera.factory import create_camera
+from edge.config import SAMPLES_DIR, Config
+from edge.errors import SourceExhausted
+from edge.factory import build_pipeline
+from edge.pipeline import Pipeline
+from edge.publisher import MqttPublisher
+from edge.results import FrameResult, RegionStatus
+
+logger = logging.getLogger(__name__)
+
+#: Seconds the publisher gets at exit to deliver what is still in flight.
+PUBLISH_GRACE = 5.0
+#: Seconds to wait at start for a first broker connection before frames flow anyway.
+CONNECT_WAIT = 2.0
+
+
+@dataclass
+class RunSummary:
+    """Counters of one run, logged at exit."""
+
+    frames: int = 0
+    regions: int = 0
+    codes: int = 0
+    lines: int = 0
+    failed_regions: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+
+    def add(self, result: FrameResult) -> None:
+        """Count one frame result."""
+        self.frames += 1
+        for region in result.regions:
+            self.regions += 1
+            self.codes += len(region.reading.codes)
+            self.lines += len(region.reading.lines)
+            key = str(region.status)
+            self.statuses[key] = self.statuses.get(key, 0) + 1
+            if region.status in (RegionStatus.ERROR, RegionStatus.TIMEOUT):
+                self.failed_regions += 1
+
+
+async def run_service(
+    config: Config, *, max_frames: int | None = None, stdout: bool = False
+) -> RunSummary:
+    """Run the daemon until the source ends, ``max_frames`` are done, or SIGTERM/SIGINT.
+
+    Args:
+        config: Validated configuration.
+        max_frames: Stop after this many frames; ``None`` runs until the source ends.
+        stdout: Also print every frame result as one JSON line on standard output.
+    """
+    logger.info(
+        "edge %s starting: device %s, camera %s, model %s",
+        __version__,
+        config.device.id,
+        config.camera.kind,
+        config.detector.model,
+    )
+    camera = camera_from_config(config)
+    pipeline = await asyncio.to_thread(build_pipeline, config)
+    logger.info("pipeline ready")
+    publisher = MqttPublisher(config.mqtt, config.device.id) if config.mqtt.enabled else None
+    summary = RunSummary()
+    try:
+        if publisher is not None:
+            publisher.start()
+            if not await publisher.wait_connected(CONNECT_WAIT):
+                logger.warning(
+                    "MQTT broker %s not reachable yet; results are queued until it is",
+                    publisher.endpoint,
+                )
+        async with camera:
+            logger.info("camera ready: %s", camera.description)
+            frame_loop = _FrameLoop(
+                config,
+                camera,
+                pipeline,
+                publisher,
+                summary,
+                max_frames=max_frames,
+                stdout=stdout,
+            )
+            await frame_loop.run_until_stopped()
+            logger.info("camera stopped, %d frames dropped while busy", camera.dropped)
+    finally:
+        await pipeline.aclose()
+        logger.info("pipeline stopped")
+        if publisher is not None:
+            await publisher.stop(PUBLISH_GRACE)
+    logger.info(
+        "processed %d frames: %d regions (%s), %d codes, %d text lines",
+        summary.frames,
+        summary.regions,
+        ", ".join(f"{k} {v}" for k, v in sorted(summary.statuses.items())) or "none",
+        summary.codes,
+        summary.lines,
+    )
+    return summary
+
+
+def camera_from_config(config: Config) -> Camera:
+    """Create the configured camera; the simulated one replays the bundled samples by default."""
+    camera = config.camera
+    if camera.kind == "simulated":
+        return create_camera(
+            "simulated", path=camera.path or SAMPLES_DIR, fps=camera.fps or None, loop=camera.loop
+        )
+    return create_camera(
+        camera.kind, device=camera.device, width=camera.width, height=camera.height, fps=camera.fps
+    )
+
+
+class _FrameLoop:
+    """Reads, processes and publishes frames; a signal cancels it between awaits."""
+
+    def __init__(
+        self,
+        config: Config,
+        camera: Camera,
+        pipeline: Pipeline,
+        publisher: MqttPublisher | None,
+        summary: RunSummary,
+        *,
+        max_frames: int | None,
+        stdout: bool,
+    ) -> None:
+        self._device_id = config.device.id
+        self._camera = camera
+        self._pipeline = pipeline
+        self._publisher = publisher
+        self._summary = summary
+        self._max_frames = max_frames
+        self._stdout = stdout
+        self._stop_signal: int | None = None
+
+    async def run_until_stopped(self) -> None:
+        """Run the loop; SIGTERM or SIGINT cancels it and this returns normally."""
+        task = asyncio.create_task(self._run(), name="edge.frames")
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT)
+        for signum in signals:
+            loop.add_signal_handler(signum, self._request_stop, task, signum)
+        try:
+            await task
+        except asyncio.CancelledError:
+            # Only a cancellation this loop issued for a signal ends quietly; any other one
+            # belongs to the caller and propagates.
+            if self._stop_signal is None or not task.cancelled():
+                raise
+        finally:
+            for signum in signals:
+                loop.remove_signal_handler(signum)
+
+    def _request_stop(self, task: asyncio.Task[None], signum: int) -> None:
+        logger.info("received %s, stopping", signal.Signals(signum).name)
+        self._stop_signal = signum
+        task.cancel()
+
+    async def _run(self) -> None:
+        while self._max_frames is None or self._summary.frames < self._max_frames:
+            try:
+                frame = await self._camera.read()
+            except SourceExhausted:
+                logger.info("camera source has no more frames")
+                return
+            result = await self._pipeline.process(frame)
+            self._summary.add(result)
+            logger.debug(
+                "frame %d: %d regions in %.0f ms",
+                result.seq,
+                len(result.regions),
+                result.timings_ms["total"],
+            )
+            if self._publisher is not None:
+                self._publisher.publish_frame(result)
+            if self._stdout:
+                sys.stdout.write(result.to_json(self._device_id) + "\n")
+                sys.stdout.flush()

@@ -1,0 +1,85 @@
+"""Configuration loading and validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edge.config import MODELS_DIR, Config, load_config, parse_config
+from edge.errors import ConfigError
+
+
+def test_config_defaults_without_file() -> None:
+    """No file gives the defaults: simulated camera, MQTT on localhost:1883, bundled model."""
+    config = load_config(None)
+    assert config.camera.kind == "simulated"
+    assert config.mqtt.port == 1883
+    assert config.detector.model == MODELS_DIR / "detector.onnx"
+
+
+def test_config_file_values_and_relative_paths(tmp_path: Path) -> None:
+    """Values from the file are used and relative paths resolve against the file's folder."""
+    (tmp_path / "frames").mkdir()
+    path = tmp_path / "edge.toml"
+    path.write_text(
+        '[device]\nid = "pi-7"\n'
+        '[camera]\nkind = "simulated"\npath = "frames"\nfps = 5\nloop = true\n'
+        '[mqtt]\nhost = "127.0.0.1"\nport = 1884\ntopic_prefix = "plant"\n'
+    )
+    config = load_config(path)
+    assert config.device.id == "pi-7"
+    assert config.camera.path == tmp_path / "frames"
+    assert config.camera.fps == 5.0
+    assert config.camera.loop is True
+    assert config.mqtt.topic_prefix == "plant"
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        pytest.param({"mqtt": {"prot": 1883}}, "mqtt.prot", id="unknown-key"),
+        pytest.param({"cammera": {}}, "cammera", id="unknown-section"),
+        pytest.param({"mqtt": {"port": "1883"}}, "mqtt.port", id="string-for-int"),
+        pytest.param({"mqtt": {"port": 70000}}, "mqtt.port", id="port-out-of-range"),
+        pytest.param({"camera": {"loop": 1}}, "camera.loop", id="int-for-bool"),
+        pytest.param({"camera": {"kind": "webcam"}}, "camera.kind", id="unknown-kind"),
+        pytest.param({"camera": {"fps": -1}}, "camera.fps", id="negative-fps"),
+        pytest.param({"camera": {"fps": float("nan")}}, "camera.fps", id="nan-fps"),
+        pytest.param({"pipeline": {"concurrency": 0}}, "pipeline.concurrency", id="zero-limit"),
+        pytest.param({"pipeline": {"op_timeout": 20.0}}, "pipeline.op_timeout", id="op-over-frame"),
+        pytest.param({"readers": {"routes": {"text": "ocr"}}}, "readers.routes.text", id="reader"),
+        pytest.param({"detector": {"model": "missing.onnx"}}, "detector.model", id="no-model"),
+        pytest.param({"camera": {"path": "nowhere"}}, "camera.path", id="no-camera-path"),
+        pytest.param({"logging": {"levels": {"edge": "LOUD"}}}, "logging.levels.edge", id="level"),
+        pytest.param({"mqtt": []}, "mqtt", id="list-for-table"),
+    ],
+)
+def test_config_invalid_value_names_key(tmp_path: Path, data: dict[str, object], key: str) -> None:
+    """Every invalid value is rejected with its dotted key path."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, base_dir=tmp_path)
+    assert caught.value.key == key
+    assert str(caught.value).startswith(key)
+
+
+def test_config_missing_file_names_path(tmp_path: Path) -> None:
+    """A missing file is a ConfigError naming the path."""
+    path = tmp_path / "absent.toml"
+    with pytest.raises(ConfigError, match="absent.toml"):
+        load_config(path)
+
+
+def test_config_invalid_toml_names_file(tmp_path: Path) -> None:
+    """A syntax error is a ConfigError naming the file."""
+    path = tmp_path / "bad.toml"
+    path.write_text("[mqtt\nport = 1")
+    with pytest.raises(ConfigError, match="invalid TOML in .*bad.toml"):
+        load_config(path)
+
+
+def test_config_is_frozen() -> None:
+    """Sections cannot be changed after load."""
+    config = Config()
+    with pytest.raises(AttributeError):
+        config.mqtt.port = 1  # type: ignore[misc]
