@@ -1,0 +1,299 @@
+"""OCR reader for text regions, built on rapidocr-onnxruntime 1.4.4 (PP-OCRv4 models).
+
+``RapidOCR.__call__`` with its default settings suits whole photos but not crops: its text
+detector scales the shorter side up to 736 pixels (``limit_type: min``), so a small label
+crop costs more than a whole frame, and it runs the angle classifier on every line.
+:class:`TextReader` keeps rapidocr's models, sessions and post-processing but runs the
+steps itself: it never upscales, sends thin wide crops straight to the recogniser, runs the
+classifier only when asked, and sets the onnxruntime thread count.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from edge.errors import ImageError, ReaderError
+from edge.readers.base import OpKind, Reader
+from edge.results import Box, Image, Reading, TextLine
+
+logger = logging.getLogger(__name__)
+
+# The DB text detector downsamples by 32, so its input sides must be multiples of 32.
+_DET_STRIDE = 32
+# Below this height (pixels) a crop cannot hold two lines of legible text, and the detector
+# would need to upscale it, so it goes straight to the recogniser.
+_MIN_DETECT_HEIGHT = 32
+# Crops smaller than this on either side hold no legible glyph; they return an empty reading.
+_MIN_TEXT_SIDE = 4
+# A row is ink-bearing when at least this share of its pixels is ink (after Otsu).
+_INK_ROW_SHARE = 0.02
+# Normalisation used by PP-OCR's detector: (pixel / 255 - 0.5) / 0.5.
+_DET_MEAN = 0.5
+_DET_STD = 0.5
+
+FloatArray = npt.NDArray[np.float32]
+
+
+class TextReader(Reader):
+    """Reads lines of text from a crop or a whole frame with PP-OCR through rapidocr.
+
+    Crops whose aspect ratio (width / height) is at least ``single_line_aspect`` and whose
+    rows show one band of ink, and crops under 32 pixels high, are read as one line by the
+    recogniser alone. Other inputs go through text detection at their own size (never
+    upscaled), then recognition of each detected line.
+
+    Args:
+        threads: onnxruntime intra-op threads per model session, at least 1. Keep
+            ``threads`` times the number of concurrent reads at or below the core count.
+            Values above ``os.cpu_count()`` are lowered to it, because rapidocr 1.4.4
+            silently ignores them and uses every core.
+        use_angle_classifier: Run PP-OCR's 0/180 degree classifier on each line and turn
+            upside-down lines before recognition. Costs one more model run per read.
+        min_score: Recognition confidence in 0..1 below which a line is dropped.
+        max_side: Longer side in pixels above which the input is downscaled before
+            detection. The default keeps a 1280 x 720 frame at full size.
+        single_line_aspect: Minimum width / height ratio for the recognition-only path.
+    """
+
+    name = "text"
+    kind: OpKind = "thread"
+
+    def __init__(
+        self,
+        *,
+        threads: int = 1,
+        use_angle_classifier: bool = False,
+        min_score: float = 0.5,
+        max_side: int = 1280,
+        single_line_aspect: float = 4.0,
+    ) -> None:
+        if threads < 1:
+            msg = f"threads must be at least 1, got {threads}"
+            raise ValueError(msg)
+        if not 0.0 <= min_score <= 1.0:
+            msg = f"min_score must be in 0..1, got {min_score}"
+            raise ValueError(msg)
+        if max_side < _DET_STRIDE:
+            msg = f"max_side must be at least {_DET_STRIDE} pixels, got {max_side}"
+            raise ValueError(msg)
+        if single_line_aspect <= 0:
+            msg = f"single_line_aspect must be positive, got {single_line_aspect}"
+            raise ValueError(msg)
+        cores = os.cpu_count() or 1
+        if threads > cores:
+            logger.warning(
+                "OCR threads %d exceed the %d CPU cores; using %d", threads, cores, cores
+            )
+            threads = cores
+        self.threads = threads
+        self.use_angle_classifier = use_angle_classifier
+        self.min_score = min_score
+        self.max_side = max_side
+        self.single_line_aspect = single_line_aspect
+        self._engine: Any = None
+        self._engine_lock = threading.Lock()
+
+    @property
+    def engine(self) -> Any:
+        """The ``rapidocr_onnxruntime.RapidOCR`` instance, created on first use."""
+        if self._engine is None:
+            with self._engine_lock:
+                if self._engine is None:
+                    self._engine = self._create_engine()
+        return self._engine
+
+    def _create_engine(self) -> Any:
+        try:
+            from rapidocr_onnxruntime import RapidOCR
+        except ImportError as exc:
+            msg = f"cannot import rapidocr_onnxruntime ({exc}): install rapidocr-onnxruntime"
+            raise ReaderError(msg) from exc
+        logger.info(
+            "loading OCR models (threads=%d, angle classifier=%s)",
+            self.threads,
+            self.use_angle_classifier,
+        )
+        # Only the sessions, the models and the post-processing objects of RapidOCR are used;
+        # the detection limits below matter only if someone calls the engine directly.
+        engine = RapidOCR(
+            intra_op_num_threads=self.threads,
+            inter_op_num_threads=1,
+            use_cls=self.use_angle_classifier,
+            text_score=self.min_score,
+            det_limit_type="max",
+            det_limit_side_len=self.max_side,
+            max_side_len=self.max_side,
+        )
+        logger.info("OCR models loaded")
+        return engine
+
+    def warm_up(self) -> None:
+        """Load the models and run detection and recognition once on blank images."""
+        self.read(np.full((96, 96, 3), 255, dtype=np.uint8))
+        blank_line = np.full((48, 320, 3), 255, dtype=np.uint8)
+        self.engine.text_rec([blank_line])
+
+    def close(self) -> None:
+        """Drop the engine; the next read creates it again."""
+        with self._engine_lock:
+            self._engine = None
+
+    def read(self, image: Image) -> Reading:
+        """Read the text lines of an image, in reading order, with boxes in its pixels.
+
+        Accepts H x W x 3 BGR, H x W x 4 BGRA or H x W grey uint8 images.
+
+        Raises:
+            ImageError: If the image has an unsupported dtype or shape.
+            ReaderError: If rapidocr cannot be loaded.
+        """
+        bgr = _to_bgr(image)
+        height, width = bgr.shape[:2]
+        if min(height, width) < _MIN_TEXT_SIDE:
+            return Reading()
+
+        scale = min(1.0, self.max_side / max(height, width))
+        work = bgr
+        if scale < 1.0:
+            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            work = _u8(cv2.resize(bgr, size, interpolation=cv2.INTER_AREA))
+
+        if self.is_single_line(work):
+            lines = self._recognise_whole(work)
+        else:
+            lines = self._detect_and_recognise(work)
+
+        result = []
+        for text, score, points in lines:
+            if score < self.min_score or not text.strip():
+                continue
+            box = _clamped_box(points / scale, width, height)
+            result.append(TextLine(text=text, score=min(max(score, 0.0), 1.0), box=box))
+        return Reading(lines=tuple(result))
+
+    def is_single_line(self, image: Image) -> bool:
+        """Return whether an image goes to the recogniser without text detection."""
+        height, width = image.shape[:2]
+        if height < _MIN_DETECT_HEIGHT:
+            return True
+        if width / height < self.single_line_aspect:
+            return False
+        return _count_ink_bands(image) <= 1
+
+    def _recognise_whole(self, image: Image) -> list[tuple[str, float, FloatArray]]:
+        height, width = image.shape[:2]
+        crops = [image]
+        if self.use_angle_classifier:
+            crops, _, _ = self.engine.text_cls(crops)
+        (text, score), *_ = self._recognise(crops)
+        corners = np.array([[0, 0], [width, 0], [width, height], [0, height]], dtype=np.float32)
+        return [(text, score, corners)]
+
+    def _detect_and_recognise(self, image: Image) -> list[tuple[str, float, FloatArray]]:
+        boxes = self._detect(image)
+        if not boxes:
+            return []
+        crops = self.engine.get_crop_img_list(image, boxes)
+        if self.use_angle_classifier:
+            crops, _, _ = self.engine.text_cls(crops)
+        recognised = self._recognise(crops)
+        return [(text, score, box) for (text, score), box in zip(recognised, boxes, strict=True)]
+
+    def _detect(self, image: Image) -> list[FloatArray]:
+        """Run the DB text detector at the image's own size (rounded to multiples of 32)."""
+        height, width = image.shape[:2]
+        det_height = max(_DET_STRIDE, round(height / _DET_STRIDE) * _DET_STRIDE)
+        det_width = max(_DET_STRIDE, round(width / _DET_STRIDE) * _DET_STRIDE)
+        resized = cv2.resize(image, (det_width, det_height))
+        tensor = (resized.astype(np.float32) / 255.0 - _DET_MEAN) / _DET_STD
+        tensor = tensor.transpose(2, 0, 1)[np.newaxis]
+
+        detector = self.engine.text_det
+        prediction = detector.infer(np.ascontiguousarray(tensor))[0]
+        boxes, _ = detector.postprocess_op(prediction, (height, width))
+        if len(boxes) == 0:
+            return []
+        kept = detector.filter_tag_det_res(boxes, (height, width))
+        return _reading_order([np.asarray(box, dtype=np.float32) for box in kept])
+
+    def _recognise(self, crops: list[Image]) -> list[tuple[str, float]]:
+        results, _ = self.engine.text_rec(crops)
+        return [(str(result[0]), float(result[1])) for result in results]
+
+    def __repr__(self) -> str:
+        return (
+            f"TextReader(threads={self.threads}, "
+            f"use_angle_classifier={self.use_angle_classifier}, min_score={self.min_score}, "
+            f"max_side={self.max_side}, single_line_aspect={self.single_line_aspect})"
+        )
+
+
+def _u8(array: Any) -> Image:
+    """Type an OpenCV result as :data:`Image`; no copy for uint8 arrays."""
+    return np.asarray(array, dtype=np.uint8)
+
+
+def _to_bgr(image: Image) -> Image:
+    if image.dtype != np.uint8:
+        msg = f"text reader needs a uint8 image, got dtype {image.dtype}: convert it first"
+        raise ImageError(msg)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        return _u8(cv2.cvtColor(image, cv2.COLOR_GRAY2BGR))
+    if image.ndim == 3 and image.shape[2] == 4:
+        return _u8(cv2.cvtColor(image, cv2.COLOR_BGRA2BGR))
+    if image.ndim == 3 and image.shape[2] == 3:
+        return np.ascontiguousarray(image)
+    msg = f"text reader needs an H x W grey, BGR or BGRA image, got shape {image.shape}"
+    raise ImageError(msg)
+
+
+def _count_ink_bands(image: Image) -> int:
+    """Count horizontal bands of ink rows separated by blank rows, after an Otsu threshold.
+
+    Ink is taken to be the minority class, so dark-on-light and light-on-dark both work.
+    """
+    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    _, binary = cv2.threshold(grey, 0, 1, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
+    if binary.mean() > 0.5:
+        binary = 1 - binary
+    ink_rows = binary.mean(axis=1) >= _INK_ROW_SHARE
+    starts = np.flatnonzero(ink_rows[1:] & ~ink_rows[:-1])
+    return int(len(starts) + (1 if ink_rows[0] else 0))
+
+
+def _reading_order(boxes: list[FloatArray]) -> list[FloatArray]:
+    """Sort quadrilaterals top to bottom, and left to right within a line.
+
+    Boxes whose vertical centres lie within half the smaller box height of a line's first
+    box belong to that line.
+    """
+    by_top = sorted(boxes, key=lambda box: float(box[:, 1].min()))
+    rows: list[list[FloatArray]] = []
+    for box in by_top:
+        centre = float(box[:, 1].mean())
+        height = float(np.ptp(box[:, 1]))
+        if rows:
+            first = rows[-1][0]
+            tolerance = min(height, float(np.ptp(first[:, 1]))) / 2
+            if abs(centre - float(first[:, 1].mean())) <= tolerance:
+                rows[-1].append(box)
+                continue
+        rows.append([box])
+    return [box for row in rows for box in sorted(row, key=lambda box: float(box[:, 0].min()))]
+
+
+def _clamped_box(points: FloatArray, width: int, height: int) -> Box:
+    left = int(np.clip(np.floor(points[:, 0].min()), 0, width))
+    top = int(np.clip(np.floor(points[:, 1].min()), 0, height))
+    right = int(np.clip(np.ceil(points[:, 0].max()), left, width))
+    bottom = int(np.clip(np.ceil(points[:, 1].max()), top, height))
+    return Box(left, top, right - left, bottom - top)
