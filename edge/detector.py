@@ -1,0 +1,610 @@
+"""ONNX region detector for YOLO-style exports, run with onnxruntime on the CPU.
+
+Three output layouts are read. The anchor axis (one entry per candidate box) is taken to be
+the larger of the two non-batch axes. YOLO exports have far more candidates than values per
+candidate: 8400 anchors at 640x640 against 4 + C values, or typically 300 end-to-end rows
+against 6.
+
+* ``[1, 4+C, N]`` (YOLOv8, YOLO11): anchors on the last axis; cx, cy, w, h, then C class scores.
+* ``[1, N, 5+C]`` (YOLOv5): anchors on the middle axis; cx, cy, w, h, objectness, C class
+  scores, and a box scores objectness times class score.
+* ``[1, N, 6]`` (end-to-end exports such as YOLOv10 and YOLO26): x1, y1, x2, y2, score,
+  class id, already suppressed, so no NMS runs on them.
+
+A single-class YOLOv5 export is also ``[1, N, 6]``. It is told apart from an end-to-end export
+by its anchor count: YOLOv5 has 3 anchors per grid cell at strides 8, 16 and 32, so N equals
+``3 * sum((H / s) * (W / s))`` for the input size H x W. Any other N with 6 values per row is
+read as end-to-end. An ``end2end`` entry in the model metadata (``True`` or ``False``), when
+present, overrides this rule. Equal axes, or fewer values per row than a layout needs, raise
+:class:`~edge.errors.ModelError`.
+"""
+
+from __future__ import annotations
+
+import ast
+import enum
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+from edge.errors import ImageError, ModelError
+from edge.results import Box, Image, Region
+
+logger = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+
+#: Grey level of the letterbox padding, the same grey that Ultralytics and YOLOv5 pad with.
+PAD_VALUE = 114
+
+#: Strides of the three YOLOv5 detection heads, in input pixels.
+_YOLOV5_STRIDES = (8, 16, 32)
+_YOLOV5_ANCHORS_PER_CELL = 3
+
+_ORT_LOAD_ERRORS = (
+    ort_errors.Fail,
+    ort_errors.InvalidArgument,
+    ort_errors.InvalidProtobuf,
+    ort_errors.NoSuchFile,
+    ort_errors.RuntimeException,
+    ort_errors.InvalidGraph,
+    ort_errors.NotImplemented,
+)
+
+
+class OutputLayout(enum.StrEnum):
+    """Layout of a detector's output tensor, as described in the module docstring."""
+
+    ANCHORS_LAST = "[1, 4+C, N]"
+    YOLOV5 = "[1, N, 5+C]"
+    END_TO_END = "[1, N, 6]"
+
+
+@dataclass(frozen=True, slots=True)
+class _Letterbox:
+    """Scale and padding that fit a frame into the model input."""
+
+    scale: float
+    pad_left: int
+    pad_top: int
+
+
+class Detector:
+    """Find regions in frames with a YOLO-style ONNX model.
+
+    Args:
+        model_path: The ``.onnx`` file.
+        labels_path: A text file with one class name per line, in class id order. Used when
+            ``class_names`` is ``None``, and it overrides the model's ``names`` metadata.
+        class_names: Class names in class id order. Overrides both the labels file and the
+            model's ``names`` metadata. ``None`` means take the names from those.
+        score_threshold: Minimum score in 0..1 for a box to be kept.
+        iou_threshold: Intersection over union in 0..1 above which the lower-scoring of two
+            boxes of the same class is suppressed.
+        input_size: Model input as (height, width) in pixels. Used only when the model's input
+            shape is dynamic and its metadata has no ``imgsz``; ``None`` means the model must
+            state its size.
+        threads: onnxruntime intra-op threads. ``None`` means one per CPU this process may
+            run on (``os.sched_getaffinity``).
+
+    Raises:
+        ModelError: The file is missing, unreadable or not a valid model, its output layout is
+            not one of the three above, or the class names do not match its class count.
+        ValueError: A threshold is outside 0..1, or ``threads`` is below 1.
+    """
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        labels_path: Path | None = None,
+        class_names: Sequence[str] | None = None,
+        score_threshold: float = 0.25,
+        iou_threshold: float = 0.45,
+        input_size: tuple[int, int] | None = None,
+        threads: int | None = None,
+    ) -> None:
+        _check_fraction("score_threshold", score_threshold)
+        _check_fraction("iou_threshold", iou_threshold)
+        if threads is not None and threads < 1:
+            msg = f"threads must be at least 1, got {threads}"
+            raise ValueError(msg)
+
+        self._model_path = Path(model_path)
+        self._score_threshold = score_threshold
+        self._iou_threshold = iou_threshold
+        self._threads = threads if threads is not None else len(os.sched_getaffinity(0))
+        #: Boxes dropped by the latest :meth:`detect` call (non-finite, empty after clamping
+        #: to the frame, or an end-to-end class id with no name).
+        self.last_rejected = 0
+
+        self._session: ort.InferenceSession | None = _open_session(self._model_path, self._threads)
+        metadata: dict[str, str] = dict(self._session.get_modelmeta().custom_metadata_map)
+        model_input = self._session.get_inputs()[0]
+        self._input_name: str = model_input.name
+        self._input_dtype = np.float16 if model_input.type == "tensor(float16)" else np.float32
+        self._input_size = self._resolve_input_size(model_input.shape, metadata, input_size)
+
+        output_shape = self._output_shape()
+        self._layout, class_count = self._resolve_layout(output_shape, metadata)
+        self._class_names = self._resolve_class_names(
+            metadata, labels_path, class_names, class_count
+        )
+        logger.info(
+            "Loaded detector %s: layout %s, output %s, input %dx%d (HxW), %d classes %s, "
+            "%d intra-op threads",
+            self._model_path,
+            self._layout.value,
+            output_shape,
+            self._input_size[0],
+            self._input_size[1],
+            len(self._class_names),
+            list(self._class_names),
+            self._threads,
+        )
+
+    @property
+    def model_path(self) -> Path:
+        """The model file."""
+        return self._model_path
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """Model input as (height, width) in pixels."""
+        return self._input_size
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Class names in class id order."""
+        return self._class_names
+
+    @property
+    def layout(self) -> OutputLayout:
+        """The output layout read from the model."""
+        return self._layout
+
+    def warm_up(self) -> None:
+        """Run one inference on a grey frame so the first real frame is not slowed down."""
+        height, width = self._input_size
+        logger.info("Warming up detector %s", self._model_path)
+        started = time.perf_counter()
+        self.detect(np.full((height, width, 3), PAD_VALUE, dtype=np.uint8))
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        logger.info("Detector %s warmed up in %.1f ms", self._model_path, elapsed_ms)
+
+    def close(self) -> None:
+        """Release the onnxruntime session. Safe to call more than once."""
+        self._session = None
+
+    def detect(self, image: Image) -> list[Region]:
+        """Detect regions in a BGR frame and set :attr:`last_rejected`.
+
+        Threads that call it at the same time overwrite each other's :attr:`last_rejected`,
+        so concurrent callers use :meth:`detect_counted` instead.
+
+        Args:
+            image: H x W x 3 uint8 BGR pixels.
+
+        Returns:
+            Regions in frame pixels, highest score first.
+
+        Raises:
+            ImageError: The image is not H x W x 3 uint8.
+            ModelError: The detector is closed or inference failed.
+        """
+        regions, rejected = self.detect_counted(image)
+        self.last_rejected = rejected
+        return regions
+
+    def detect_counted(self, image: Image) -> tuple[list[Region], int]:
+        """Detect regions like :meth:`detect`, also returning the number of boxes rejected."""
+        _check_image(image)
+        tensor, letterbox = letterbox_image(image, self._input_size)
+        raw = self._run(tensor.astype(self._input_dtype, copy=False))
+
+        boxes, scores, class_ids = decode_output(raw, self._layout, self._score_threshold)
+        boxes = unletterbox_boxes(boxes, letterbox)
+
+        finite = np.isfinite(boxes).all(axis=1)
+        known_class = (class_ids >= 0) & (class_ids < len(self._class_names))
+        keep = finite & known_class
+        rejected = int(np.count_nonzero(~keep))
+        boxes, scores, class_ids = boxes[keep], scores[keep], class_ids[keep]
+
+        if self._layout is not OutputLayout.END_TO_END:
+            kept = nms_by_class(boxes, scores, class_ids, self._iou_threshold)
+            boxes, scores, class_ids = boxes[kept], scores[kept], class_ids[kept]
+
+        regions: list[Region] = []
+        height, width = image.shape[:2]
+        for box_xyxy, score, class_id in zip(boxes, scores, class_ids, strict=True):
+            box = clamp_box(box_xyxy, width, height)
+            if box is None:
+                rejected += 1
+                continue
+            regions.append(Region(self._class_names[int(class_id)], float(score), box))
+        regions.sort(key=lambda region: region.score, reverse=True)
+
+        if rejected:
+            logger.debug("Detector rejected %d boxes in a %dx%d frame", rejected, width, height)
+        return regions, rejected
+
+    def _run(self, tensor: npt.NDArray[Any]) -> FloatArray:
+        if self._session is None:
+            msg = f"detector for {self._model_path} is closed; create a new Detector"
+            raise ModelError(msg, path=str(self._model_path))
+        try:
+            outputs = self._session.run(None, {self._input_name: tensor})
+        except _ORT_LOAD_ERRORS as exc:
+            msg = f"inference failed for model {self._model_path}: {exc}"
+            raise ModelError(msg, path=str(self._model_path)) from exc
+        return np.asarray(outputs[0], dtype=np.float32)
+
+    def _output_shape(self) -> tuple[int, ...]:
+        """Read the output shape, running one inference when the model leaves it dynamic."""
+        assert self._session is not None
+        declared = self._session.get_outputs()[0].shape
+        if all(isinstance(dim, int) for dim in declared):
+            return tuple(declared)
+        height, width = self._input_size
+        dummy = np.zeros((1, 3, height, width), dtype=self._input_dtype)
+        return tuple(self._run(dummy).shape)
+
+    def _resolve_input_size(
+        self,
+        shape: Sequence[int | str | None],
+        metadata: dict[str, str],
+        fallback: tuple[int, int] | None,
+    ) -> tuple[int, int]:
+        if len(shape) != 4:
+            msg = f"model {self._model_path} has input shape {list(shape)}; expected [1, 3, H, W]"
+            raise ModelError(msg, path=str(self._model_path))
+        height, width = shape[2], shape[3]
+        if isinstance(height, int) and isinstance(width, int):
+            if fallback is not None and fallback != (height, width):
+                logger.warning(
+                    "Ignoring input_size %s: model %s has a fixed input of %dx%d (HxW)",
+                    fallback,
+                    self._model_path,
+                    height,
+                    width,
+                )
+            return height, width
+        from_metadata = _parse_imgsz(metadata.get("imgsz"))
+        if from_metadata is not None:
+            return from_metadata
+        if fallback is not None:
+            return fallback
+        msg = (
+            f"model {self._model_path} has a dynamic input shape {list(shape)} and no imgsz "
+            "metadata; pass input_size=(height, width)"
+        )
+        raise ModelError(msg, path=str(self._model_path))
+
+    def _resolve_layout(
+        self, shape: tuple[int, ...], metadata: dict[str, str]
+    ) -> tuple[OutputLayout, int | None]:
+        layout, class_count = classify_output_shape(
+            shape, self._input_size, end_to_end=_parse_bool(metadata.get("end2end"))
+        )
+        if layout is None:
+            msg = (
+                f"model {self._model_path} has output shape {list(shape)}, which is not "
+                "[1, 4+C, N], [1, N, 5+C] or [1, N, 6]; export it as a YOLO detection model"
+            )
+            raise ModelError(msg, path=str(self._model_path))
+        return layout, class_count
+
+    def _resolve_class_names(
+        self,
+        metadata: dict[str, str],
+        labels_path: Path | None,
+        explicit: Sequence[str] | None,
+        class_count: int | None,
+    ) -> tuple[str, ...]:
+        if explicit is not None:
+            names, origin = tuple(explicit), "the class_names argument"
+        elif labels_path is not None:
+            names, origin = _read_labels(labels_path, self._model_path), str(labels_path)
+        elif "names" in metadata:
+            names = _parse_names(metadata["names"], self._model_path)
+            origin = f"the names metadata of {self._model_path}"
+        else:
+            msg = f"model {self._model_path} has no names metadata; pass labels_path or class_names"
+            raise ModelError(msg, path=str(self._model_path))
+
+        if not names:
+            msg = f"no class names in {origin}"
+            raise ModelError(msg, path=str(self._model_path))
+        if class_count is not None and len(names) != class_count:
+            msg = (
+                f"{origin} lists {len(names)} classes but model {self._model_path} outputs "
+                f"{class_count}; use a labels file that matches the model"
+            )
+            raise ModelError(msg, path=str(self._model_path))
+        return names
+
+
+def classify_output_shape(
+    shape: Sequence[int], input_size: tuple[int, int], *, end_to_end: bool | None = None
+) -> tuple[OutputLayout | None, int | None]:
+    """Name the layout of an output shape and its class count by the rule in the module docstring.
+
+    Args:
+        shape: The output tensor shape.
+        input_size: Model input as (height, width), used to count YOLOv5 anchors.
+        end_to_end: The model's ``end2end`` metadata, or ``None`` when it has none.
+
+    Returns:
+        The layout and the class count, which is ``None`` for end-to-end models because their
+        shape does not state it. The layout is ``None`` when the shape fits no layout.
+    """
+    if len(shape) != 3 or shape[0] != 1:
+        return None, None
+    rows, columns = shape[1], shape[2]
+    if columns > rows and rows > 4:
+        return OutputLayout.ANCHORS_LAST, rows - 4
+    if rows <= columns:
+        return None, None
+    if columns == 6:
+        if end_to_end is None:
+            end_to_end = rows != yolov5_anchor_count(input_size)
+        if end_to_end:
+            return OutputLayout.END_TO_END, None
+        return OutputLayout.YOLOV5, 1
+    if columns > 5:
+        return OutputLayout.YOLOV5, columns - 5
+    return None, None
+
+
+def yolov5_anchor_count(input_size: tuple[int, int]) -> int:
+    """Count the candidate boxes a YOLOv5 model outputs for an input of (height, width)."""
+    height, width = input_size
+    cells = sum(math.ceil(height / s) * math.ceil(width / s) for s in _YOLOV5_STRIDES)
+    return _YOLOV5_ANCHORS_PER_CELL * cells
+
+
+def letterbox_image(image: Image, input_size: tuple[int, int]) -> tuple[FloatArray, _Letterbox]:
+    """Scale a BGR frame into the model input keeping its aspect ratio, padding with grey.
+
+    Returns:
+        A 1 x 3 x H x W float32 RGB tensor in 0..1, and the scale and padding applied.
+    """
+    target_height, target_width = input_size
+    height, width = image.shape[:2]
+    scale = min(target_height / height, target_width / width)
+    new_width = max(1, min(target_width, round(width * scale)))
+    new_height = max(1, min(target_height, round(height * scale)))
+    pad_left = (target_width - new_width) // 2
+    pad_top = (target_height - new_height) // 2
+
+    resized = cv2.resize(image, (new_width, new_height), interpolation=cv2.INTER_LINEAR)
+    padded = cv2.copyMakeBorder(
+        resized,
+        pad_top,
+        target_height - new_height - pad_top,
+        pad_left,
+        target_width - new_width - pad_left,
+        cv2.BORDER_CONSTANT,
+        value=(PAD_VALUE, PAD_VALUE, PAD_VALUE),
+    )
+    rgb = cv2.cvtColor(padded, cv2.COLOR_BGR2RGB)
+    tensor = rgb.transpose(2, 0, 1)[np.newaxis].astype(np.float32) / np.float32(255.0)
+    return np.ascontiguousarray(tensor), _Letterbox(scale, pad_left, pad_top)
+
+
+def decode_output(
+    raw: FloatArray, layout: OutputLayout, score_threshold: float
+) -> tuple[FloatArray, FloatArray, npt.NDArray[np.int64]]:
+    """Turn a raw output tensor into boxes above the score threshold.
+
+    Returns:
+        Boxes as x1, y1, x2, y2 in model input pixels (N x 4), their scores (N) and class
+        ids (N).
+    """
+    if layout is OutputLayout.END_TO_END:
+        rows = raw[0]
+        boxes = rows[:, :4]
+        scores = rows[:, 4]
+        class_ids = np.nan_to_num(rows[:, 5], nan=-1.0, posinf=-1.0, neginf=-1.0)
+        keep = scores >= score_threshold
+        return boxes[keep], scores[keep], np.rint(class_ids[keep]).astype(np.int64)
+
+    if layout is OutputLayout.ANCHORS_LAST:
+        rows = raw[0].T
+        class_scores = rows[:, 4:]
+    else:
+        rows = raw[0]
+        class_scores = rows[:, 5:] * rows[:, 4:5]
+    class_ids = np.argmax(class_scores, axis=1)
+    scores = class_scores[np.arange(len(rows)), class_ids]
+    keep = scores >= score_threshold
+    return _xywh_to_xyxy(rows[keep, :4]), scores[keep], class_ids[keep].astype(np.int64)
+
+
+def unletterbox_boxes(boxes: FloatArray, letterbox: _Letterbox) -> FloatArray:
+    """Map x1, y1, x2, y2 boxes from model input pixels back to frame pixels."""
+    offset = np.array(
+        [letterbox.pad_left, letterbox.pad_top, letterbox.pad_left, letterbox.pad_top],
+        dtype=np.float32,
+    )
+    return ((boxes - offset) / np.float32(letterbox.scale)).astype(np.float32)
+
+
+def nms_by_class(
+    boxes: FloatArray, scores: FloatArray, class_ids: npt.NDArray[np.int64], iou_threshold: float
+) -> npt.NDArray[np.int64]:
+    """Suppress overlapping boxes of the same class, keeping the higher score.
+
+    Boxes of different classes never suppress each other: each class is shifted to its own
+    coordinate range before a single greedy pass.
+
+    Returns:
+        Indices of the kept boxes, highest score first.
+    """
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    boxes64 = boxes.astype(np.float64)
+    span = float(np.abs(boxes64).max()) * 2.0 + 1.0
+    shifted = boxes64 + (class_ids.astype(np.float64) * span)[:, np.newaxis]
+    areas = np.clip(shifted[:, 2] - shifted[:, 0], 0, None) * np.clip(
+        shifted[:, 3] - shifted[:, 1], 0, None
+    )
+
+    order = np.argsort(-scores, kind="stable")
+    kept: list[int] = []
+    while order.size:
+        best = int(order[0])
+        kept.append(best)
+        rest = order[1:]
+        left = np.maximum(shifted[best, 0], shifted[rest, 0])
+        top = np.maximum(shifted[best, 1], shifted[rest, 1])
+        right = np.minimum(shifted[best, 2], shifted[rest, 2])
+        bottom = np.minimum(shifted[best, 3], shifted[rest, 3])
+        intersection = np.clip(right - left, 0, None) * np.clip(bottom - top, 0, None)
+        union = areas[best] + areas[rest] - intersection
+        iou = np.divide(intersection, union, out=np.zeros_like(union), where=union > 0)
+        order = rest[iou <= iou_threshold]
+    return np.array(kept, dtype=np.int64)
+
+
+def clamp_box(box_xyxy: FloatArray, width: int, height: int) -> Box | None:
+    """Clamp an x1, y1, x2, y2 box to a width x height frame and round it to whole pixels.
+
+    Returns:
+        The box, or ``None`` when nothing of it is left inside the frame.
+    """
+    x1, y1, x2, y2 = (float(value) for value in box_xyxy)
+    left = round(min(max(min(x1, x2), 0.0), width))
+    right = round(min(max(max(x1, x2), 0.0), width))
+    top = round(min(max(min(y1, y2), 0.0), height))
+    bottom = round(min(max(max(y1, y2), 0.0), height))
+    if right <= left or bottom <= top:
+        return None
+    return Box(left, top, right - left, bottom - top)
+
+
+def _xywh_to_xyxy(boxes: FloatArray) -> FloatArray:
+    half_width = boxes[:, 2] / 2
+    half_height = boxes[:, 3] / 2
+    return np.stack(
+        [
+            boxes[:, 0] - half_width,
+            boxes[:, 1] - half_height,
+            boxes[:, 0] + half_width,
+            boxes[:, 1] + half_height,
+        ],
+        axis=1,
+    ).astype(np.float32)
+
+
+def _open_session(model_path: Path, threads: int) -> ort.InferenceSession:
+    try:
+        model_bytes = model_path.read_bytes()
+    except FileNotFoundError as exc:
+        msg = f"model file {model_path} not found; check detector.model_path or train one"
+        raise ModelError(msg, path=str(model_path)) from exc
+    except OSError as exc:
+        msg = f"cannot read model file {model_path}: {exc.strerror}; check its permissions"
+        raise ModelError(msg, path=str(model_path)) from exc
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(
+            model_bytes, sess_options=options, providers=["CPUExecutionProvider"]
+        )
+    except _ORT_LOAD_ERRORS as exc:
+        msg = f"model file {model_path} is not a valid ONNX model ({exc}); export it again"
+        raise ModelError(msg, path=str(model_path)) from exc
+
+
+def _parse_imgsz(text: str | None) -> tuple[int, int] | None:
+    """Parse Ultralytics ``imgsz`` metadata: ``"640"`` or ``"[480, 640]"`` (height, width)."""
+    if text is None:
+        return None
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return None
+    if isinstance(value, int) and value > 0:
+        return value, value
+    if (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and all(isinstance(v, int) and v > 0 for v in value)
+    ):
+        return int(value[0]), int(value[1])
+    return None
+
+
+def _parse_bool(text: str | None) -> bool | None:
+    if text is None:
+        return None
+    lowered = text.strip().lower()
+    if lowered in {"true", "1"}:
+        return True
+    if lowered in {"false", "0"}:
+        return False
+    return None
+
+
+def _parse_names(text: str, model_path: Path) -> tuple[str, ...]:
+    """Parse ``names`` metadata such as ``{0: 'text', 1: 'qr_code'}`` or ``['text']``."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError) as exc:
+        msg = f"model {model_path} has unreadable names metadata {text!r}; pass labels_path"
+        raise ModelError(msg, path=str(model_path)) from exc
+
+    if isinstance(value, list | tuple) and all(isinstance(name, str) for name in value):
+        return tuple(value)
+    if (
+        isinstance(value, dict)
+        and all(isinstance(name, str) for name in value.values())
+        and sorted(value) == list(range(len(value)))
+    ):
+        return tuple(value[index] for index in range(len(value)))
+    msg = (
+        f"model {model_path} has names metadata {text!r}, which is not a list or a dict of "
+        "class ids 0..C-1 to names; pass labels_path"
+    )
+    raise ModelError(msg, path=str(model_path))
+
+
+def _read_labels(labels_path: Path, model_path: Path) -> tuple[str, ...]:
+    try:
+        text = labels_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        msg = f"cannot read labels file {labels_path}: {exc}; check the path"
+        raise ModelError(msg, path=str(model_path)) from exc
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        msg = f"{name} must be in 0..1, got {value}"
+        raise ValueError(msg)
+
+
+def _check_image(image: Image) -> None:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        msg = f"detector needs an H x W x 3 uint8 BGR image, got shape {image.shape} {image.dtype}"
+        raise ImageError(msg)
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        msg = f"detector got an empty image of shape {image.shape}"
+        raise ImageError(msg)

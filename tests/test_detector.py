@@ -1,0 +1,524 @@
+"""Tests for the ONNX detector, on tiny models built here whose output is a fixed tensor."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edge.detector import (
+    Detector,
+    OutputLayout,
+    classify_output_shape,
+    letterbox_image,
+    yolov5_anchor_count,
+)
+from edge.errors import ImageError, ModelError
+from edge.results import Box
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SIZE = 64
+NAMES = "{0: 'text', 1: 'qr_code'}"
+
+
+def write_model(
+    path: Path,
+    output: npt.NDArray[np.float32],
+    *,
+    metadata: dict[str, str] | None = None,
+    input_shape: tuple[int | str, ...] = (1, 3, SIZE, SIZE),
+    output_shape: tuple[int | str, ...] | None = None,
+) -> Path:
+    """Write a model whose single output is ``output`` whatever the input."""
+    constant = numpy_helper.from_array(output.astype(np.float32), name="fixed")
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["fixed"], ["output0"])],
+        "fixed_output",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, list(input_shape))],
+        [
+            helper.make_tensor_value_info(
+                "output0", TensorProto.FLOAT, list(output_shape or output.shape)
+            )
+        ],
+        initializer=[constant],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    for key, value in (metadata or {}).items():
+        entry = model.metadata_props.add()
+        entry.key = key
+        entry.value = value
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def anchors_last(rows: list[list[float]], anchors: int = 8) -> npt.NDArray[np.float32]:
+    """Build a [1, 4+C, N] output from (cx, cy, w, h, class scores...) rows, padding with zeros."""
+    values = np.zeros((anchors, len(rows[0])), dtype=np.float32)
+    values[: len(rows)] = rows
+    return values.T[np.newaxis].copy()
+
+
+def rows_first(rows: list[list[float]], anchors: int = 10) -> npt.NDArray[np.float32]:
+    """Build a [1, N, K] output from rows, padding with zero rows."""
+    values = np.zeros((anchors, len(rows[0])), dtype=np.float32)
+    values[: len(rows)] = rows
+    return values[np.newaxis].copy()
+
+
+def blank(height: int = SIZE, width: int = SIZE) -> npt.NDArray[np.uint8]:
+    return np.zeros((height, width, 3), dtype=np.uint8)
+
+
+def test_detector_anchors_last_decodes_boxes(tmp_path: Path) -> None:
+    """A [1, 4+C, N] output yields the box, class and score of its anchor."""
+    output = anchors_last([[32, 20, 20, 10, 0.1, 0.9]])
+    model = write_model(tmp_path / "v8.onnx", output, metadata={"names": NAMES})
+    detector = Detector(model)
+
+    regions = detector.detect(blank())
+
+    assert detector.layout is OutputLayout.ANCHORS_LAST
+    assert len(regions) == 1
+    assert regions[0].class_name == "qr_code"
+    assert regions[0].score == pytest.approx(0.9)
+    assert regions[0].box == Box(22, 15, 20, 10)
+
+
+def test_detector_yolov5_multiplies_objectness(tmp_path: Path) -> None:
+    """A [1, N, 5+C] output scores each box objectness times class score."""
+    output = rows_first(
+        [
+            [32, 32, 10, 10, 0.5, 0.8, 0.1],
+            [10, 10, 4, 4, 0.5, 0.4, 0.1],
+        ]
+    )
+    model = write_model(tmp_path / "v5.onnx", output, metadata={"names": NAMES})
+    detector = Detector(model)
+
+    regions = detector.detect(blank())
+
+    assert detector.layout is OutputLayout.YOLOV5
+    assert len(regions) == 1
+    assert regions[0].class_name == "text"
+    assert regions[0].score == pytest.approx(0.4)
+    assert regions[0].box == Box(27, 27, 10, 10)
+
+
+def test_detector_end_to_end_skips_nms(tmp_path: Path) -> None:
+    """A [1, N, 6] output is read as corner boxes and not suppressed again."""
+    output = rows_first(
+        [
+            [10, 10, 30, 30, 0.9, 1],
+            [11, 11, 31, 31, 0.8, 1],
+            [40, 40, 50, 60, 0.1, 0],
+        ]
+    )
+    model = write_model(tmp_path / "e2e.onnx", output, metadata={"names": NAMES})
+    detector = Detector(model)
+
+    regions = detector.detect(blank())
+
+    assert detector.layout is OutputLayout.END_TO_END
+    assert [region.box for region in regions] == [Box(10, 10, 20, 20), Box(11, 11, 20, 20)]
+    assert [region.class_name for region in regions] == ["qr_code", "qr_code"]
+
+
+def test_detector_end_to_end_unknown_class_rejected(tmp_path: Path) -> None:
+    """An end-to-end row whose class id has no name is dropped and counted."""
+    output = rows_first([[10, 10, 30, 30, 0.9, 7], [10, 10, 30, 30, 0.8, 0]])
+    model = write_model(tmp_path / "e2e.onnx", output, metadata={"names": NAMES})
+    detector = Detector(model)
+
+    regions = detector.detect(blank())
+
+    assert [region.class_name for region in regions] == ["text"]
+    assert detector.last_rejected == 1
+
+
+def test_detector_letterbox_maps_to_frame(tmp_path: Path) -> None:
+    """A box in input pixels maps back through the letterbox of a wide frame."""
+    # A 200 x 100 frame scales by 0.32 to 64 x 32 and is padded by 16 rows on top.
+    # Input box x 16..48, y 24..40 is frame x 50..150, y (24-16)/0.32=25..(40-16)/0.32=75.
+    output = anchors_last([[32, 32, 32, 16, 0.9, 0.0]])
+    model = write_model(tmp_path / "v8.onnx", output, metadata={"names": NAMES})
+    detector = Detector(model)
+
+    regions = detector.detect(blank(height=100, width=200))
+
+    assert [region.box for region in regions] == [Box(50, 25, 100, 50)]
+
+
+def test_letterbox_pads_tall_frame_with_grey() -> None:
+    """A tall frame is centred horizontally with grey 114 columns on both sides."""
+    frame = np.full((128, 64, 3), 255, dtype=np.uint8)
+
+    tensor, letterbox = letterbox_image(frame, (SIZE, SIZE))
+
+    assert tensor.shape == (1, 3, SIZE, SIZE)
+    assert tensor.dtype == np.float32
+    assert letterbox.scale == pytest.approx(0.5)
+    assert letterbox.pad_left == 16
+    assert letterbox.pad_top == 0
+    assert tensor[0, :, 10, 0] == pytest.approx([114 / 255] * 3)
+    assert tensor[0, :, 10, 63] == pytest.approx([114 / 255] * 3)
+    assert tensor[0, :, 10, 32] == pytest.approx([1.0] * 3)
+
+
+def test_letterbox_converts_bgr_to_rgb() -> None:
+    """The tensor's first channel is the frame's red, the last channel of BGR."""
+    frame = np.zeros((SIZE, SIZE, 3), dtype=np.uint8)
+    frame[:, :, 2] = 255
+
+    tensor, _ = letterbox_image(frame, (SIZE, SIZE))
+
+    assert tensor[0, 0].min() == pytest.approx(1.0)
+    assert tensor[0, 2].max() == pytest.approx(0.0)
+
+
+def test_detector_nms_suppresses_same_class(tmp_path: Path) -> None:
+    """Overlapping boxes of one class reduce to the best, and another class's box stays."""
+    output = anchors_last(
+        [
+            [32, 32, 20, 20, 0.9, 0.0],
+            [33, 33, 20, 20, 0.8, 0.0],
+            [32, 32, 20, 20, 0.0, 0.7],
+            [10, 10, 6, 6, 0.6, 0.0],
+        ]
+    )
+    model = write_model(tmp_path / "v8.onnx", output, metadata={"names": NAMES})
+    detector = Detector(model)
+
+    regions = detector.detect(blank())
+
+    assert [region.score for region in regions] == pytest.approx([0.9, 0.7, 0.6])
+    assert [region.class_name for region in regions] == ["text", "qr_code", "text"]
+
+
+def test_detector_iou_threshold_keeps_loose_overlap(tmp_path: Path) -> None:
+    """Same-class boxes overlapping less than the IoU threshold are both kept."""
+    # Boxes 20 wide shifted by 10: IoU = 200 / 600 = 0.33, below 0.45.
+    output = anchors_last([[20, 32, 20, 20, 0.9, 0.0], [30, 32, 20, 20, 0.8, 0.0]])
+    model = write_model(tmp_path / "v8.onnx", output, metadata={"names": NAMES})
+
+    regions = Detector(model).detect(blank())
+
+    assert len(regions) == 2
+
+
+def test_detector_results_sorted_by_score(tmp_path: Path) -> None:
+    """Regions come out highest score first whatever the anchor order."""
+    output = anchors_last(
+        [
+            [5, 5, 4, 4, 0.3, 0.0],
+            [20, 20, 4, 4, 0.0, 0.95],
+            [40, 40, 4, 4, 0.6, 0.0],
+        ]
+    )
+    model = write_model(tmp_path / "v8.onnx", output, metadata={"names": NAMES})
+
+    regions = Detector(model).detect(blank())
+
+    assert [region.score for region in regions] == pytest.approx([0.95, 0.6, 0.3])
+
+
+def test_detector_clamps_boxes_to_frame(tmp_path: Path) -> None:
+    """A box reaching past the frame edge is cut at the edge."""
+    output = anchors_last([[60, 4, 20, 20, 0.9, 0.0]])
+    model = write_model(tmp_path / "v8.onnx", output, metadata={"names": NAMES})
+    detector = Detector(model)
+
+    regions = detector.detect(blank())
+
+    assert [region.box for region in regions] == [Box(50, 0, 14, 14)]
+    assert detector.last_rejected == 0
+
+
+def test_detector_box_outside_frame_rejected(tmp_path: Path) -> None:
+    """A box lying wholly in the padding has no area in the frame and is counted."""
+    # A 64 x 32 frame is padded by 16 rows above and below, and this box sits in the top band.
+    output = anchors_last([[32, 6, 10, 6, 0.9, 0.0]])
+    model = write_model(tmp_path / "v8.onnx", output, metadata={"names": NAMES})
+    detector = Detector(model)
+
+    regions = detector.detect(blank(height=32, width=64))
+
+    assert regions == []
+    assert detector.last_rejected == 1
+
+
+def test_detector_nan_box_rejected(tmp_path: Path) -> None:
+    """A box with a NaN coordinate is dropped and counted, and the finite one is kept."""
+    output = anchors_last([[np.nan, 10, 4, 4, 0.9, 0.0], [32, 32, 4, 4, 0.8, 0.0]])
+    model = write_model(tmp_path / "v8.onnx", output, metadata={"names": NAMES})
+    detector = Detector(model)
+
+    regions, rejected = detector.detect_counted(blank())
+
+    assert [region.score for region in regions] == pytest.approx([0.8])
+    assert rejected == 1
+
+
+def test_detector_many_detections_not_capped(tmp_path: Path) -> None:
+    """Every separate box above the threshold is returned, with no fixed maximum."""
+    rows = [[4 + 8 * (i % 8), 4 + 8 * (i // 8), 4, 4, 0.5, 0.0] for i in range(64)]
+    output = anchors_last(rows, anchors=100)
+    model = write_model(tmp_path / "v8.onnx", output, metadata={"names": NAMES})
+
+    regions = Detector(model).detect(blank())
+
+    assert len(regions) == 64
+
+
+def test_detector_labels_file_names_classes(tmp_path: Path) -> None:
+    """Without names metadata the labels file gives the class names."""
+    labels = tmp_path / "labels.txt"
+    labels.write_text("text\nbarcode\n\n", encoding="utf-8")
+    output = anchors_last([[32, 32, 4, 4, 0.0, 0.9]])
+    model = write_model(tmp_path / "v8.onnx", output)
+
+    detector = Detector(model, labels_path=labels)
+
+    assert detector.class_names == ("text", "barcode")
+
+
+def test_detector_class_names_argument_overrides(tmp_path: Path) -> None:
+    """An explicit class_names list wins over the model's names metadata."""
+    output = anchors_last([[32, 32, 4, 4, 0.0, 0.9]])
+    model = write_model(tmp_path / "v8.onnx", output, metadata={"names": NAMES})
+
+    detector = Detector(model, class_names=["a", "b"])
+
+    assert detector.detect(blank())[0].class_name == "b"
+
+
+def test_detector_class_count_mismatch_raises(tmp_path: Path) -> None:
+    """Three names for a two-class model raise ModelError naming both counts."""
+    output = anchors_last([[32, 32, 4, 4, 0.0, 0.9]])
+    model = write_model(tmp_path / "v8.onnx", output, metadata={"names": "['a', 'b', 'c']"})
+
+    with pytest.raises(ModelError, match=r"3 classes but model .* outputs 2"):
+        Detector(model)
+
+
+def test_detector_names_metadata_not_evaluated(tmp_path: Path) -> None:
+    """Names metadata that is code, not a literal, raises ModelError."""
+    output = anchors_last([[32, 32, 4, 4, 0.0, 0.9]])
+    model = write_model(
+        tmp_path / "v8.onnx", output, metadata={"names": "__import__('os').getcwd()"}
+    )
+
+    with pytest.raises(ModelError, match="unreadable names metadata"):
+        Detector(model)
+
+
+def test_detector_missing_names_raises(tmp_path: Path) -> None:
+    """A model without names metadata, labels or class_names raises ModelError."""
+    output = anchors_last([[32, 32, 4, 4, 0.0, 0.9]])
+    model = write_model(tmp_path / "v8.onnx", output)
+
+    with pytest.raises(ModelError, match="no names metadata"):
+        Detector(model)
+
+
+def test_detector_unknown_layout_names_shape(tmp_path: Path) -> None:
+    """An output of [1, 5, 5] raises ModelError naming the file and the shape."""
+    output = np.zeros((1, 5, 5), dtype=np.float32)
+    model = write_model(tmp_path / "odd.onnx", output, metadata={"names": NAMES})
+
+    with pytest.raises(ModelError, match=r"odd\.onnx has output shape \[1, 5, 5\]"):
+        Detector(model)
+
+
+def test_detector_missing_file_raises(tmp_path: Path) -> None:
+    """A missing model file raises ModelError carrying the path."""
+    path = tmp_path / "absent.onnx"
+
+    with pytest.raises(ModelError, match="not found") as caught:
+        Detector(path)
+
+    assert caught.value.path == str(path)
+
+
+def test_detector_invalid_file_raises(tmp_path: Path) -> None:
+    """A file that is not an ONNX model raises ModelError."""
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(b"not a model")
+
+    with pytest.raises(ModelError, match="not a valid ONNX model"):
+        Detector(path)
+
+
+def test_detector_dynamic_input_uses_imgsz(tmp_path: Path) -> None:
+    """A dynamic input takes its size from imgsz metadata, height first."""
+    output = anchors_last([[32, 32, 4, 4, 0.9, 0.0]])
+    model = write_model(
+        tmp_path / "dyn.onnx",
+        output,
+        metadata={"names": NAMES, "imgsz": "[48, 64]"},
+        input_shape=(1, 3, "height", "width"),
+    )
+
+    assert Detector(model).input_size == (48, 64)
+
+
+def test_detector_dynamic_input_uses_argument(tmp_path: Path) -> None:
+    """Without imgsz metadata a dynamic input takes the input_size argument."""
+    output = anchors_last([[32, 32, 4, 4, 0.9, 0.0]])
+    model = write_model(
+        tmp_path / "dyn.onnx",
+        output,
+        metadata={"names": NAMES},
+        input_shape=(1, 3, "height", "width"),
+    )
+
+    assert Detector(model, input_size=(32, 96)).input_size == (32, 96)
+
+
+def test_detector_dynamic_input_without_size_raises(tmp_path: Path) -> None:
+    """A dynamic input with no imgsz and no argument raises ModelError."""
+    output = anchors_last([[32, 32, 4, 4, 0.9, 0.0]])
+    model = write_model(
+        tmp_path / "dyn.onnx",
+        output,
+        metadata={"names": NAMES},
+        input_shape=(1, 3, "height", "width"),
+    )
+
+    with pytest.raises(ModelError, match="pass input_size"):
+        Detector(model)
+
+
+def test_detector_dynamic_output_shape_probed(tmp_path: Path) -> None:
+    """A dynamic output shape is learned by running the model once."""
+    output = anchors_last([[32, 32, 4, 4, 0.9, 0.0]])
+    model = write_model(
+        tmp_path / "dyn.onnx",
+        output,
+        metadata={"names": NAMES},
+        output_shape=(1, "values", "anchors"),
+    )
+
+    assert Detector(model).layout is OutputLayout.ANCHORS_LAST
+
+
+def test_detector_static_input_ignores_argument(tmp_path: Path) -> None:
+    """A fixed model input wins over a different input_size argument."""
+    output = anchors_last([[32, 32, 4, 4, 0.9, 0.0]])
+    model = write_model(tmp_path / "v8.onnx", output, metadata={"names": NAMES})
+
+    assert Detector(model, input_size=(32, 32)).input_size == (SIZE, SIZE)
+
+
+def test_detector_rejects_grey_image(tmp_path: Path) -> None:
+    """A 2-D image raises ImageError instead of reaching the model."""
+    output = anchors_last([[32, 32, 4, 4, 0.9, 0.0]])
+    model = write_model(tmp_path / "v8.onnx", output, metadata={"names": NAMES})
+
+    with pytest.raises(ImageError, match="H x W x 3 uint8"):
+        Detector(model).detect(np.zeros((SIZE, SIZE), dtype=np.uint8))
+
+
+def test_detector_closed_raises(tmp_path: Path) -> None:
+    """Detecting after close raises ModelError."""
+    output = anchors_last([[32, 32, 4, 4, 0.9, 0.0]])
+    model = write_model(tmp_path / "v8.onnx", output, metadata={"names": NAMES})
+    detector = Detector(model)
+    detector.close()
+
+    with pytest.raises(ModelError, match="closed"):
+        detector.detect(blank())
+
+
+def test_detector_warm_up_logs_timing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Warm-up logs a line before and a line with the time after."""
+    output = anchors_last([[32, 32, 4, 4, 0.9, 0.0]])
+    model = write_model(tmp_path / "v8.onnx", output, metadata={"names": NAMES})
+    detector = Detector(model)
+
+    with caplog.at_level(logging.INFO, logger="edge.detector"):
+        detector.warm_up()
+
+    assert "Warming up detector" in caplog.text
+    assert "warmed up in" in caplog.text
+
+
+def test_detector_threads_argument_applied(tmp_path: Path) -> None:
+    """The threads argument sets onnxruntime's intra-op thread count."""
+    output = anchors_last([[32, 32, 4, 4, 0.9, 0.0]])
+    model = write_model(tmp_path / "v8.onnx", output, metadata={"names": NAMES})
+    detector = Detector(model, threads=1)
+
+    session = detector._session
+    assert session is not None
+    assert session.get_session_options().intra_op_num_threads == 1
+    assert session.get_session_options().inter_op_num_threads == 1
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        pytest.param((1, 6, 84), (OutputLayout.ANCHORS_LAST, 2), id="v8-two-classes"),
+        pytest.param((1, 84, 6), (OutputLayout.END_TO_END, None), id="end-to-end"),
+        pytest.param((1, 300, 6), (OutputLayout.END_TO_END, None), id="end-to-end-300"),
+        pytest.param((1, 252, 6), (OutputLayout.YOLOV5, 1), id="v5-one-class"),
+        pytest.param((1, 252, 8), (OutputLayout.YOLOV5, 3), id="v5-three-classes"),
+        pytest.param((1, 6, 6), (None, None), id="square"),
+        pytest.param((1, 4, 84), (None, None), id="no-class-rows"),
+        pytest.param((1, 84, 5), (None, None), id="no-class-columns"),
+        pytest.param((2, 6, 84), (None, None), id="batch-2"),
+        pytest.param((6, 84), (None, None), id="2-d"),
+    ],
+)
+def test_classify_output_shape_cases(
+    shape: tuple[int, ...], expected: tuple[OutputLayout | None, int | None]
+) -> None:
+    """Each shape maps to its layout and class count at a 64 x 64 input."""
+    assert classify_output_shape(shape, (SIZE, SIZE)) == expected
+
+
+def test_classify_output_shape_metadata_overrides() -> None:
+    """end2end metadata decides a [1, N, 6] output whatever the anchor count."""
+    shape = (1, 252, 6)
+
+    assert classify_output_shape(shape, (SIZE, SIZE), end_to_end=True)[0] is (
+        OutputLayout.END_TO_END
+    )
+
+
+def test_yolov5_anchor_count_at_640() -> None:
+    """YOLOv5 at 640 x 640 has 25200 candidate boxes."""
+    assert yolov5_anchor_count((640, 640)) == 25200
+
+
+def test_detector_shipped_model_runs() -> None:
+    """The project's trained detector loads and runs on a bundled sample frame."""
+    model = REPO_ROOT / "models" / "detector.onnx"
+    sample = REPO_ROOT / "edge" / "samples" / "frame-000.jpg"
+    if not model.is_file():
+        pytest.skip(f"{model} not present yet (trained separately)")
+    if not sample.is_file():
+        pytest.skip(f"{sample} not present")
+    decoded = cv2.imread(str(sample), cv2.IMREAD_COLOR)
+    assert decoded is not None
+    frame = np.ascontiguousarray(decoded, dtype=np.uint8)
+    detector = Detector(model)
+    detector.warm_up()
+
+    regions = detector.detect(frame)
+
+    height, width = frame.shape[:2]
+    outside = [
+        region.box
+        for region in regions
+        if region.box.x + region.box.w > width or region.box.y + region.box.h > height
+    ]
+    assert outside == []
+    assert regions == sorted(regions, key=lambda region: region.score, reverse=True)
