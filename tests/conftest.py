@@ -33,7 +33,7 @@ class Broker:
     port: int
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -63,7 +63,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not Path(binary).exists():
         pytest.fail("mosquitto not found; install it (apt-get install mosquitto) to run MQTT tests")
-    port = _free_port()
+    port = free_port()
     conf = tmp_path_factory.mktemp("mosquitto") / "mosquitto.conf"
     conf.write_text(
         (REPO / "scripts" / "mosquitto.conf").read_text() + f"listener {port} 127.0.0.1\n"

@@ -66,7 +66,7 @@ def test_config_invalid_value_names_key(tmp_path: Path, data: dict[str, object],
 def test_config_missing_file_names_path(tmp_path: Path) -> None:
     """A missing file is a ConfigError naming the path."""
     path = tmp_path / "absent.toml"
-    with pytest.raises(ConfigError, match="absent.toml"):
+    with pytest.raises(ConfigError, match=r"absent\.toml"):
         load_config(path)
 
 
@@ -74,7 +74,7 @@ def test_config_invalid_toml_names_file(tmp_path: Path) -> None:
     """A syntax error is a ConfigError naming the file."""
     path = tmp_path / "bad.toml"
     path.write_text("[mqtt\nport = 1")
-    with pytest.raises(ConfigError, match="invalid TOML in .*bad.toml"):
+    with pytest.raises(ConfigError, match=r"invalid TOML in .*bad\.toml"):
         load_config(path)
 
 

@@ -1,0 +1,252 @@
+"""Pipeline: routing, fault isolation, timeouts and the full-frame code fallback.
+
+The detector here is an oracle that returns the true boxes of a generated scene, so these tests
+check the pipeline's own logic; the real detector runs in test_end_to_end.py.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from edge.pipeline import Pipeline, PipelineOptions
+from edge.readers.base import Reader
+from edge.readers.codes import CodeReader
+from edge.readers.text import TextReader
+from edge.results import Box, Frame, Image, Origin, Reading, Region, RegionStatus
+from edge.synth import Scene, render_scene
+
+
+@dataclass
+class OracleDetector:
+    """Returns fixed regions, whatever the image."""
+
+    regions: list[Region]
+
+    def detect(self, image: Image) -> list[Region]:
+        return list(self.regions)
+
+    def close(self) -> None:
+        pass
+
+
+def _regions(scene: Scene) -> list[Region]:
+    return [Region(o.class_name, 0.9, Box(*(round(v) for v in o.box))) for o in scene.objects]
+
+
+def _scene(seed: int, *, labels: tuple[int, int], codes: tuple[int, int]) -> Scene:
+    return render_scene(np.random.default_rng(seed), labels=labels, codes=codes, distortions=False)
+
+
+def _frame(scene: Scene, seq: int = 0) -> Frame:
+    return Frame(seq=seq, captured_at=time.time(), image=scene.image, source="synthetic")
+
+
+class SleepingReader(Reader):
+    """A thread reader that sleeps for a given time, then finds nothing."""
+
+    name = "sleepy"
+    kind = "thread"
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def read(self, image: Image) -> Reading:
+        time.sleep(self.seconds)
+        return Reading()
+
+
+class FailingReader(Reader):
+    """A thread reader that raises on crops wider than a threshold."""
+
+    name = "failing"
+    kind = "thread"
+
+    def read(self, image: Image) -> Reading:
+        msg = f"cannot read a {image.shape[1]} px wide crop"
+        raise ValueError(msg)
+
+
+class AbortingReader(Reader):
+    """A process reader that kills its worker process on every read, as a zbar abort does."""
+
+    name = "aborting"
+    kind = "process"
+
+    def read(self, image: Image) -> Reading:
+        os.abort()
+
+
+@pytest.fixture
+def code_reader() -> CodeReader:
+    return CodeReader()
+
+
+@pytest.fixture(scope="module")
+def text_reader() -> Iterator[TextReader]:
+    reader = TextReader()
+    reader.warm_up()
+    yield reader
+    reader.close()
+
+
+async def test_pipeline_reads_codes_and_text(
+    code_reader: CodeReader, text_reader: TextReader
+) -> None:
+    """Each region goes to its reader; codes decode to their payload and text lines are read."""
+    scene = _scene(3, labels=(1, 1), codes=(2, 2))
+    routes: dict[str, Reader] = {
+        "text": text_reader,
+        "qr_code": code_reader,
+        "barcode": code_reader,
+    }
+    pipeline = Pipeline(OracleDetector(_regions(scene)), routes, code_reader=code_reader)
+    try:
+        result = await pipeline.process(_frame(scene))
+    finally:
+        await pipeline.aclose()
+    expected_codes = {o.value for o in scene.objects if o.class_name != "text"}
+    read_codes = {c.text for r in result.regions for c in r.reading.codes}
+    assert read_codes == expected_codes
+    text_regions = [r for r in result.regions if r.region.class_name == "text"]
+    assert [r.status for r in text_regions] == [RegionStatus.OK]
+    words = " ".join(line.text for line in text_regions[0].reading.lines).lower().split()
+    expected_words = next(o.value for o in scene.objects if o.class_name == "text").lower().split()
+    found = sum(1 for word in expected_words if word in words)
+    assert found >= len(expected_words) // 2
+
+
+async def test_pipeline_code_boxes_in_frame_pixels(code_reader: CodeReader) -> None:
+    """Code boxes from a crop are shifted into frame coordinates, inside their region."""
+    scene = _scene(5, labels=(0, 0), codes=(1, 1))
+    regions = _regions(scene)
+    pipeline = Pipeline(OracleDetector(regions), {regions[0].class_name: code_reader})
+    try:
+        result = await pipeline.process(_frame(scene))
+    finally:
+        await pipeline.aclose()
+    code_box = result.regions[0].reading.codes[0].box
+    region_box = regions[0].box
+    assert code_box is not None
+    assert region_box.x - 20 <= code_box.x <= region_box.x + region_box.w
+    assert region_box.y - 20 <= code_box.y <= region_box.y + region_box.h
+
+
+async def test_pipeline_failing_reader_costs_one_region(code_reader: CodeReader) -> None:
+    """A reader that raises marks its own regions as error; code regions are still read."""
+    scene = _scene(7, labels=(2, 2), codes=(1, 1))
+    routes: dict[str, Reader] = {
+        "text": FailingReader(),
+        "qr_code": code_reader,
+        "barcode": code_reader,
+    }
+    pipeline = Pipeline(OracleDetector(_regions(scene)), routes)
+    try:
+        result = await pipeline.process(_frame(scene))
+    finally:
+        await pipeline.aclose()
+    text = [r for r in result.regions if r.region.class_name == "text"]
+    codes = [r for r in result.regions if r.region.class_name != "text"]
+    assert {r.status for r in text} == {RegionStatus.ERROR}
+    assert all(r.error and "ValueError" in r.error for r in text)
+    assert {r.status for r in codes} == {RegionStatus.OK}
+
+
+async def test_pipeline_slow_reader_times_out_and_next_frame_flows() -> None:
+    """A read over op_timeout reports timeout at the timeout; the next frame is processed."""
+    scene = _scene(9, labels=(1, 1), codes=(0, 0))
+    reader = SleepingReader(1.5)
+    options = PipelineOptions(
+        concurrency=2, op_timeout=0.2, frame_deadline=5.0, full_frame_codes="never"
+    )
+    pipeline = Pipeline(OracleDetector(_regions(scene)), {"text": reader}, options=options)
+    try:
+        started = time.perf_counter()
+        first = await pipeline.process(_frame(scene, 0))
+        first_seconds = time.perf_counter() - started
+        reader.seconds = 0.0
+        second = await pipeline.process(_frame(scene, 1))
+    finally:
+        await pipeline.aclose()
+    assert first.regions[0].status is RegionStatus.TIMEOUT
+    assert first_seconds < 1.2
+    assert second.regions[0].status is RegionStatus.EMPTY
+
+
+async def test_pipeline_crashing_process_reader_costs_one_region(code_reader: CodeReader) -> None:
+    """A process reader whose worker aborts yields error for its region; the rest is published."""
+    scene = _scene(11, labels=(1, 1), codes=(1, 1))
+    routes: dict[str, Reader] = {
+        "text": AbortingReader(),
+        "qr_code": code_reader,
+        "barcode": code_reader,
+    }
+    options = PipelineOptions(op_timeout=10.0, frame_deadline=20.0, full_frame_codes="never")
+    pipeline = Pipeline(OracleDetector(_regions(scene)), routes, options=options)
+    try:
+        first = await pipeline.process(_frame(scene, 0))
+        second = await pipeline.process(_frame(scene, 1))
+    finally:
+        await pipeline.aclose()
+    for result in (first, second):
+        statuses = {r.region.class_name: r.status for r in result.regions}
+        assert statuses["text"] is RegionStatus.ERROR
+        assert {s for c, s in statuses.items() if c != "text"} == {RegionStatus.OK}
+
+
+async def test_pipeline_full_frame_fallback_when_nothing_detected(code_reader: CodeReader) -> None:
+    """With no detection at all, codes in the frame are still found by the full-frame decode."""
+    scene = _scene(13, labels=(0, 0), codes=(2, 2))
+    pipeline = Pipeline(OracleDetector([]), {"qr_code": code_reader}, code_reader=code_reader)
+    try:
+        result = await pipeline.process(_frame(scene))
+    finally:
+        await pipeline.aclose()
+    assert {r.origin for r in result.regions} == {Origin.FULL_FRAME}
+    assert {c.text for r in result.regions for c in r.reading.codes} == {
+        o.value for o in scene.objects
+    }
+
+
+async def test_pipeline_fallback_skipped_when_region_read(code_reader: CodeReader) -> None:
+    """When a detected region yields its code, no full-frame region duplicates it."""
+    scene = _scene(15, labels=(0, 0), codes=(1, 1))
+    regions = _regions(scene)
+    routes: dict[str, Reader] = {regions[0].class_name: code_reader}
+    pipeline = Pipeline(OracleDetector(regions), routes, code_reader=code_reader)
+    try:
+        result = await pipeline.process(_frame(scene))
+    finally:
+        await pipeline.aclose()
+    assert [r.origin for r in result.regions] == [Origin.DETECTOR]
+
+
+async def test_pipeline_rejects_degenerate_regions(code_reader: CodeReader) -> None:
+    """Boxes a few pixels thin are counted as rejected and never read."""
+    scene = _scene(17, labels=(0, 0), codes=(0, 0))
+    regions = [Region("qr_code", 0.9, Box(10, 10, 2, 50)), Region("qr_code", 0.9, Box(0, 0, 80, 1))]
+    options = PipelineOptions(full_frame_codes="never")
+    pipeline = Pipeline(OracleDetector(regions), {"qr_code": code_reader}, options=options)
+    try:
+        result = await pipeline.process(_frame(scene))
+    finally:
+        await pipeline.aclose()
+    assert result.rejected_regions == 2
+    assert result.regions == ()
+
+
+async def test_pipeline_unrouted_class_reported_without_reader() -> None:
+    """A class with no route is reported as empty with no reader."""
+    scene = _scene(19, labels=(1, 1), codes=(0, 0))
+    options = PipelineOptions(full_frame_codes="never")
+    pipeline = Pipeline(OracleDetector(_regions(scene)), {}, options=options)
+    try:
+        result = await pipeline.process(_frame(scene))
+    finally:
+        await pipeline.aclose()
+    assert [(r.reader, r.status) for r in result.regions] == [(None, RegionStatus.EMPTY)]
