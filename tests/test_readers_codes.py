@@ -1,0 +1,316 @@
+"""Tests for the zbar code reader on rendered codes and on the shared real-image corpus."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import multiprocessing
+import pickle
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import segno
+from barcode import EAN13
+from barcode.writer import ImageWriter
+from pyzbar import pyzbar
+
+from edge.errors import ImageError
+from edge.readers.codes import CodeReader, decode_codes, payload_text, zbar_binary_mode
+from edge.results import (
+    Box,
+    Code,
+    FrameResult,
+    Image,
+    Reading,
+    Region,
+    RegionResult,
+    RegionStatus,
+)
+
+CORPUS = Path("/work/shared/corpus")
+
+
+def as_image(array: Any) -> Image:
+    """Type an OpenCV result as a uint8 image (no copy)."""
+    return np.asarray(array, dtype=np.uint8)
+
+
+def render_qr(
+    content: str | bytes,
+    *,
+    scale: int = 4,
+    dark: str = "black",
+    light: str = "white",
+    **options: Any,
+) -> Image:
+    """Render a QR code with segno as an H x W x 3 BGR image with a 4-module quiet zone."""
+    buffer = io.BytesIO()
+    segno.make_qr(content, **options).save(
+        buffer, kind="png", scale=scale, border=4, dark=dark, light=light
+    )
+    encoded = np.frombuffer(buffer.getvalue(), dtype=np.uint8)
+    return as_image(cv2.imdecode(encoded, cv2.IMREAD_COLOR))
+
+
+def render_ean13(digits: str) -> tuple[Image, str]:
+    """Render an EAN-13 barcode and return the image and the full 13-digit number."""
+    code = EAN13(digits, writer=ImageWriter())
+    picture = code.render({"module_width": 0.3, "module_height": 12.0, "quiet_zone": 6.0})
+    rgb = np.asarray(picture.convert("RGB"), dtype=np.uint8)
+    return as_image(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)), code.get_fullcode()
+
+
+def ean13_check_digit(first_twelve: str) -> int:
+    """Compute the EAN-13 check digit (weights 1 and 3 from the left)."""
+    total = sum(int(d) * (3 if i % 2 else 1) for i, d in enumerate(first_twelve))
+    return (10 - total % 10) % 10
+
+
+def only_code(reading: Reading) -> Code:
+    assert len(reading.codes) == 1, f"expected one code, got {reading.codes}"
+    return reading.codes[0]
+
+
+def read_in_worker(payload: bytes, image: Image) -> Reading:
+    reader = pickle.loads(payload)
+    result: Reading = reader.read(image)
+    return result
+
+
+def test_zbar_binary_mode_available() -> None:
+    """The installed zbar (0.23 or later) accepts ZBAR_CFG_BINARY."""
+    assert zbar_binary_mode()
+
+
+def test_decode_codes_utf8_payload_exact() -> None:
+    """A UTF-8 QR payload with non-ASCII text keeps its bytes and decodes as text."""
+    text = "Grüße aus Köln — 東京 ✓"
+    code = only_code(decode_codes(render_qr(text, encoding="utf-8")))
+    assert code.data == text.encode("utf-8")
+    assert code.text == text
+    assert code.format == "QRCODE"
+
+
+def test_decode_codes_shift_jis_kanji_mode() -> None:
+    """A Shift_JIS (kanji mode) payload keeps its raw bytes and decodes as Japanese text."""
+    text = "賞味期限 こんにちは"
+    code = only_code(decode_codes(render_qr(text, encoding="shift_jis")))
+    assert code.data == text.encode("shift_jis")
+    assert code.text == text
+
+
+def test_decode_codes_shift_jis_byte_mode() -> None:
+    """Shift_JIS bytes in a byte segment (half-width katakana) decode as Japanese text."""
+    text = "ﾃﾞｻﾞｲﾝQR 価格"
+    raw = text.encode("shift_jis")
+    code = only_code(decode_codes(render_qr(raw, mode="byte")))
+    assert code.data == raw
+    assert code.text == text
+
+
+def test_decode_codes_binary_payload_exact() -> None:
+    """Binary bytes including 0x00 and 0xFF survive exactly and have no text."""
+    raw = bytes([0x00, 0x01, 0xFF, 0xFE, 0x80, 0x00]) + b"tail\x00"
+    code = only_code(decode_codes(render_qr(raw)))
+    assert code.data == raw
+    assert code.text is None
+
+
+def test_decode_codes_binary_bytes_b64_in_json() -> None:
+    """The frame JSON carries a binary payload's bytes exactly in bytes_b64."""
+    raw = bytes(range(0, 256, 7)) + b"\x00"
+    code = only_code(decode_codes(render_qr(raw)))
+    region = Region("qr", 0.9, Box(0, 0, 10, 10))
+    result = RegionResult(region, "codes", RegionStatus.OK, Reading(codes=(code,)))
+    frame = FrameResult(1, 0.0, 10, 10, None, (result,), {})
+    entry = frame.to_dict("test")["regions"][0]["codes"][0]
+    assert base64.b64decode(entry["bytes_b64"]) == raw
+    assert entry["text"] is None
+
+
+def test_decode_codes_utf8_eci_segment() -> None:
+    """A payload with a UTF-8 ECI designator decodes to the same bytes and text."""
+    text = "Prix: 3,50 € — Ünïcode"
+    code = only_code(decode_codes(render_qr(text, encoding="utf-8", eci=True)))
+    assert code.data == text.encode("utf-8")
+    assert code.text == text
+
+
+@pytest.mark.xfail(
+    strict=True, reason="zbar's binary mode hides the ECI charset, so Latin-1 reads as binary"
+)
+def test_decode_codes_latin1_eci_text() -> None:
+    """A payload declared ISO-8859-1 through ECI decodes as text."""
+    code = only_code(decode_codes(render_qr("café crème", encoding="iso-8859-1", eci=True)))
+    assert code.text == "café crème"
+
+
+def test_decode_codes_small_qr_needs_upscale() -> None:
+    """A QR code with 1-pixel modules, missed by plain zbar, is found by the upscale retry."""
+    image = render_qr("https://example.com/item/42", scale=1)
+    assert pyzbar.decode(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)) == []
+    code = only_code(decode_codes(image))
+    assert code.data == b"https://example.com/item/42"
+
+
+def test_decode_codes_upscaled_box_in_input_pixels() -> None:
+    """A code found on an upscaled copy gets a box in the input's pixels."""
+    qr = render_qr("box check", scale=1)
+    canvas = np.full((qr.shape[0] + 30, qr.shape[1] + 50, 3), 255, dtype=np.uint8)
+    canvas[20 : 20 + qr.shape[0], 40 : 40 + qr.shape[1]] = qr
+    box = only_code(decode_codes(canvas)).box
+    assert box is not None
+    modules = qr.shape[0] - 8  # 4-module quiet zone on each side at 1 pixel per module
+    assert abs(box.x - (40 + 4)) <= 2
+    assert abs(box.y - (20 + 4)) <= 2
+    assert abs(box.w - modules) <= 3
+    assert abs(box.h - modules) <= 3
+
+
+def test_decode_codes_box_inside_image() -> None:
+    """A code touching the image edge gets a box clamped inside the image."""
+    image = render_qr("edge", scale=3)[12:-12, 12:-12]
+    box = only_code(decode_codes(image)).box
+    assert box is not None
+    assert box.x >= 0
+    assert box.y >= 0
+    assert box.x + box.w <= image.shape[1]
+    assert box.y + box.h <= image.shape[0]
+
+
+def test_decode_codes_inverted_qr() -> None:
+    """A light-on-dark QR code is found by the inverted retry."""
+    image = as_image(cv2.bitwise_not(render_qr("inverted payload")))
+    assert pyzbar.decode(image) == []
+    assert only_code(decode_codes(image)).data == b"inverted payload"
+
+
+def test_decode_codes_low_contrast_qr() -> None:
+    """A grey-on-grey QR code with a contrast of 24 levels is decoded."""
+    image = render_qr("low contrast", dark="#707070", light="#888888")
+    assert only_code(decode_codes(image)).data == b"low contrast"
+
+
+@pytest.mark.parametrize("colour", ["#0000ff", "#ff0000", "#008000", "#ffd000"])
+def test_decode_codes_coloured_qr_on_white(colour: str) -> None:
+    """A QR code printed in blue, red, green or yellow on white is decoded."""
+    image = render_qr(f"colour {colour}", dark=colour)
+    assert only_code(decode_codes(image)).data == f"colour {colour}".encode()
+
+
+def test_decode_codes_grey_and_bgra_inputs() -> None:
+    """Grey and BGRA inputs decode to the same payload as BGR."""
+    bgr = render_qr("channels")
+    grey = as_image(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY))
+    bgra = as_image(cv2.cvtColor(bgr, cv2.COLOR_BGR2BGRA))
+    assert only_code(decode_codes(grey)).data == b"channels"
+    assert only_code(decode_codes(bgra)).data == b"channels"
+    assert only_code(decode_codes(grey[:, :, np.newaxis])).data == b"channels"
+
+
+def test_decode_codes_ean13_check_digit() -> None:
+    """An EAN-13 barcode decodes to its 13 digits with a valid check digit."""
+    image, full = render_ean13("400638133393")
+    code = only_code(decode_codes(image))
+    assert code.format == "EAN13"
+    assert code.text == full
+    assert int(full[-1]) == ean13_check_digit(full[:12])
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.full((200, 200, 3), 255, dtype=np.uint8),
+        np.zeros((1, 1, 3), dtype=np.uint8),
+        np.full((2, 300, 3), 128, dtype=np.uint8),
+        np.zeros((300, 2, 3), dtype=np.uint8),
+    ],
+    ids=["blank", "1x1", "2px-high line", "2px-wide column"],
+)
+def test_decode_codes_empty_crop(image: Image) -> None:
+    """A crop without a code gives an empty reading and no exception."""
+    assert decode_codes(image).empty
+
+
+def test_decode_codes_float_image_rejected() -> None:
+    """A float image raises ImageError naming the dtype."""
+    with pytest.raises(ImageError, match="float32"):
+        decode_codes(np.zeros((10, 10, 3), dtype=np.float32))
+
+
+def test_code_reader_unknown_symbology() -> None:
+    """An unknown symbology name raises ValueError listing it."""
+    with pytest.raises(ValueError, match="QR-CODE"):
+        CodeReader(symbologies=["QR-CODE"])
+
+
+def test_code_reader_symbologies_restrict() -> None:
+    """A reader limited to EAN13 ignores QR codes."""
+    assert CodeReader(symbologies=["EAN13"]).read(render_qr("not wanted")).empty
+
+
+def test_code_reader_try_harder_same_payload() -> None:
+    """try_harder reports a code found by several retries once."""
+    reading = CodeReader(try_harder=True).read(render_qr("once", scale=2))
+    assert [code.data for code in reading.codes] == [b"once"]
+
+
+def test_code_reader_spawn_process_read() -> None:
+    """A pickled CodeReader reads a code in a fresh spawn process."""
+    reader = CodeReader(symbologies=["QRCODE"])
+    image = render_qr("ワーカー".encode() + b"\x00")
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        reading = pool.apply(read_in_worker, (pickle.dumps(reader), image))
+    assert only_code(reading).data == "ワーカー".encode() + b"\x00"
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"plain ascii", "plain ascii"),
+        ("żółw".encode(), "żółw"),
+        ("ﾃﾞｻﾞｲﾝ".encode("shift_jis"), "ﾃﾞｻﾞｲﾝ"),
+        (b"a\tb\r\nc\x1dd", "a\tb\r\nc\x1dd"),
+        (b"\x01\x10AD", None),
+        (b"ok\x00", None),
+        (b"caf\xe9", None),
+        (b"\xff\xfe\xfd", None),
+        ("x\u0085y".encode(), None),
+    ],
+    ids=["ascii", "utf8", "sjis", "allowed-controls", "soh", "nul", "latin1", "bytes", "c1"],
+)
+def test_payload_text_rule(data: bytes, expected: str | None) -> None:
+    """payload_text returns UTF-8 or Japanese Shift_JIS text and None for binary."""
+    assert payload_text(data) == expected
+
+
+def corpus_entries(kind: str) -> list[dict[str, Any]]:
+    manifest = CORPUS / "MANIFEST.jsonl"
+    if not manifest.exists():
+        return []
+    entries = [json.loads(line) for line in manifest.read_text("utf-8").splitlines()]
+    return [entry for entry in entries if entry["kind"] == kind]
+
+
+CORPUS_QR = {
+    entry["file"]: entry["expected"]
+    for entry in corpus_entries("qr")
+    if entry["file"].startswith(("zxing/qrcode-2/", "zxing-cpp/qrcode-2/qr-inv"))
+}
+# zbar 0.23.92 cannot read these (QR Model 1, heavy distortion), so they are left out.
+CORPUS_UNREADABLE = {"zxing/qrcode-2/12.png", "zxing/qrcode-2/13.png", "zxing/qrcode-2/33.png"}
+
+
+@pytest.mark.skipif(not CORPUS_QR, reason="shared corpus not present")
+@pytest.mark.parametrize("path", sorted(set(CORPUS_QR) - CORPUS_UNREADABLE))
+def test_decode_codes_corpus_qr_text(path: str) -> None:
+    """Real QR images decode to the publisher's expected text, Japanese payloads included."""
+    image = cv2.imread(str(CORPUS / path), cv2.IMREAD_COLOR)
+    assert image is not None, f"cannot read {path}"
+    texts = [code.text for code in decode_codes(as_image(image)).codes]
+    assert CORPUS_QR[path] in texts
