@@ -1,0 +1,312 @@
+"""Tests for the OCR reader on rendered labels and on the shared real-image corpus."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+from PIL import ImageDraw, ImageFont
+from rapidocr_onnxruntime import RapidOCR
+
+from edge.readers.text import TextReader
+from edge.results import Image, Reading
+
+FONT_PATH = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+CORPUS = Path("/work/shared/corpus")
+LABEL_LINES = ["Organic Oat Milk", "Best before 12/2026", "Net weight 500 g"]
+
+
+def render_text(
+    lines: list[str],
+    size: tuple[int, int],
+    *,
+    font_size: int = 22,
+    origin: tuple[int, int] = (12, 12),
+    line_step: int = 44,
+) -> Image:
+    """Draw black lines of DejaVu Sans on white and return an H x W x 3 BGR image."""
+    font = ImageFont.truetype(FONT_PATH, font_size)
+    picture = PILImage.new("RGB", size, "white")
+    draw = ImageDraw.Draw(picture)
+    for index, line in enumerate(lines):
+        draw.text((origin[0], origin[1] + index * line_step), line, font=font, fill="black")
+    rgb = np.asarray(picture, dtype=np.uint8)
+    return np.asarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), dtype=np.uint8)
+
+
+def joined_text(reading: Reading) -> str:
+    return " ".join(line.text for line in reading.lines).lower()
+
+
+def squeeze(text: str) -> str:
+    """Lower-case and drop spaces, because PP-OCR sometimes merges or splits words."""
+    return "".join(text.lower().split())
+
+
+@pytest.fixture(scope="module")
+def reader() -> Iterator[TextReader]:
+    text_reader = TextReader(threads=1)
+    text_reader.warm_up()
+    yield text_reader
+    text_reader.close()
+
+
+@pytest.fixture
+def detector_inputs(reader: TextReader, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """Record the shape of every tensor sent to the text detector session."""
+    shapes: list[tuple[int, ...]] = []
+    detector = reader.engine.text_det
+    original: Callable[[Any], Any] = detector.infer
+
+    def recording(tensor: Any) -> Any:
+        shapes.append(tuple(tensor.shape))
+        return original(tensor)
+
+    monkeypatch.setattr(detector, "infer", recording)
+    return shapes
+
+
+def median_ms(function: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def test_text_reader_label_words(reader: TextReader) -> None:
+    """Every word of a rendered three-line label is read, ignoring case."""
+    text = joined_text(reader.read(render_text(LABEL_LINES, (320, 160))))
+    for word in " ".join(LABEL_LINES).lower().split():
+        assert word in text, f"{word!r} missing from {text!r}"
+
+
+def test_text_reader_reading_order(reader: TextReader) -> None:
+    """Lines come top to bottom, and two blocks on one row left to right."""
+    image = render_text(["Alpha", "Gamma"], (360, 120), origin=(12, 12), line_step=56)
+    picture = PILImage.fromarray(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+    ImageDraw.Draw(picture).text(
+        (200, 12), "Beta", font=ImageFont.truetype(FONT_PATH, 22), fill="black"
+    )
+    image = np.asarray(cv2.cvtColor(np.asarray(picture), cv2.COLOR_RGB2BGR), dtype=np.uint8)
+    texts = [squeeze(line.text) for line in reader.read(image).lines]
+    assert texts == ["alpha", "beta", "gamma"]
+
+
+def test_text_reader_boxes_inside_crop(reader: TextReader) -> None:
+    """Every line box lies inside the crop and contains the drawn text's position."""
+    image = render_text(LABEL_LINES, (320, 160))
+    lines = reader.read(image).lines
+    assert lines
+    for line in lines:
+        assert line.box is not None
+        assert line.box.x >= 0
+        assert line.box.y >= 0
+        assert line.box.x + line.box.w <= image.shape[1]
+        assert line.box.y + line.box.h <= image.shape[0]
+    first = lines[0].box
+    assert first is not None
+    assert first.y <= 12 + 22 <= first.y + first.h
+
+
+def test_text_reader_scores_in_range(reader: TextReader) -> None:
+    """Line scores are within 0..1 and at least min_score."""
+    for line in reader.read(render_text(LABEL_LINES, (320, 160))).lines:
+        assert reader.min_score <= line.score <= 1.0
+
+
+def test_text_reader_crop_not_upscaled(
+    reader: TextReader, detector_inputs: list[tuple[int, ...]]
+) -> None:
+    """A 320x160 crop reaches the detector at its own size rounded to 32, not upscaled."""
+    reader.read(render_text(LABEL_LINES, (320, 160)))
+    assert detector_inputs == [(1, 3, 160, 320)]
+
+
+def test_text_reader_large_input_downscaled(
+    reader: TextReader, detector_inputs: list[tuple[int, ...]]
+) -> None:
+    """An input longer than max_side is detected at max_side, with boxes in input pixels."""
+    image = render_text(["Large banner text"], (2560, 1200), font_size=120, origin=(600, 500))
+    reading = reader.read(image)
+    assert detector_inputs
+    assert max(detector_inputs[0][2:]) <= reader.max_side
+    assert "largebannertext" in squeeze(joined_text(reading))
+    box = reading.lines[0].box
+    assert box is not None
+    assert abs(box.x - 600) <= 40
+
+
+def test_text_reader_faster_than_default(reader: TextReader) -> None:
+    """The crop settings read a label crop at least 1.5x faster than RapidOCR's defaults."""
+    default = RapidOCR(intra_op_num_threads=1, inter_op_num_threads=1)
+    crop = render_text(LABEL_LINES, (320, 160))
+    default(crop)
+    tuned_ms = median_ms(lambda: reader.read(crop), 5)
+    default_ms = median_ms(lambda: default(crop), 5)
+    assert default_ms / tuned_ms >= 1.5, f"tuned {tuned_ms:.0f} ms, default {default_ms:.0f} ms"
+
+
+def test_text_reader_single_line_skips_detector(
+    reader: TextReader, detector_inputs: list[tuple[int, ...]]
+) -> None:
+    """A thin wide one-line crop is read by the recogniser alone."""
+    crop = render_text(["Price 3.49 EUR"], (360, 40), origin=(8, 6))
+    reading = reader.read(crop)
+    assert detector_inputs == []
+    assert "price3.49eur" in squeeze(joined_text(reading))
+
+
+def test_text_reader_single_line_box_is_crop(reader: TextReader) -> None:
+    """A recognition-only line gets the whole crop as its box."""
+    crop = render_text(["Lot A1234"], (300, 40), origin=(8, 6))
+    lines = reader.read(crop).lines
+    assert len(lines) == 1
+    assert lines[0].box is not None
+    assert lines[0].box.as_list() == [0, 0, 300, 40]
+
+
+def test_text_reader_two_line_wide_crop_detects(reader: TextReader) -> None:
+    """A wide crop holding two lines is not treated as a single line."""
+    crop = render_text(["First line of text here", "Second line"], (480, 100), line_step=44)
+    assert not reader.is_single_line(crop)
+    texts = [squeeze(line.text) for line in reader.read(crop).lines]
+    assert texts == ["firstlineoftexthere", "secondline"]
+
+
+def test_text_reader_angle_classifier_off(
+    reader: TextReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The angle classifier does not run unless use_angle_classifier is set."""
+    calls: list[int] = []
+    monkeypatch.setattr(reader.engine, "text_cls", lambda crops: calls.append(len(crops)))
+    reader.read(render_text(LABEL_LINES, (320, 160)))
+    reader.read(render_text(["One line only"], (300, 40), origin=(8, 6)))
+    assert calls == []
+
+
+def test_text_reader_angle_classifier_turns_line() -> None:
+    """With the classifier on, an upside-down line is read the right way up."""
+    upright = render_text(["Best before 12/2026"], (320, 160), origin=(40, 60))
+    flipped = np.ascontiguousarray(cv2.rotate(upright, cv2.ROTATE_180), dtype=np.uint8)
+    with_classifier = TextReader(use_angle_classifier=True)
+    assert "bestbefore12/2026" in squeeze(joined_text(with_classifier.read(flipped)))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_text_reader_session_threads(threads: int) -> None:
+    """Every onnxruntime session of the engine uses the configured intra-op thread count."""
+    engine = TextReader(threads=threads).engine
+    sessions = {
+        "det": engine.text_det.infer.session,
+        "cls": engine.text_cls.infer.session,
+        "rec": engine.text_rec.session.session,
+    }
+    for name, session in sessions.items():
+        options = session.get_session_options()
+        assert options.intra_op_num_threads == threads, name
+        assert options.inter_op_num_threads == 1, name
+
+
+def test_text_reader_threads_above_cores_lowered() -> None:
+    """A thread count above the core count is lowered to it (rapidocr would ignore it)."""
+    cores = os.cpu_count() or 1
+    assert TextReader(threads=cores + 3).threads == cores
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"threads": 0}, "threads"),
+        ({"min_score": 1.5}, "min_score"),
+        ({"max_side": 8}, "max_side"),
+        ({"single_line_aspect": 0.0}, "single_line_aspect"),
+    ],
+)
+def test_text_reader_invalid_option(options: dict[str, Any], message: str) -> None:
+    """An invalid option raises ValueError naming it."""
+    with pytest.raises(ValueError, match=message):
+        TextReader(**options)
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.full((200, 200, 3), 255, dtype=np.uint8),
+        np.zeros((1, 1, 3), dtype=np.uint8),
+        np.full((2, 300, 3), 90, dtype=np.uint8),
+        np.zeros((300, 3, 3), dtype=np.uint8),
+        np.full((20, 20, 3), 255, dtype=np.uint8),
+    ],
+    ids=["blank", "1x1", "2px-high line", "3px-wide column", "small blank"],
+)
+def test_text_reader_empty_crop(reader: TextReader, image: Image) -> None:
+    """A crop without text gives an empty reading and no exception."""
+    assert reader.read(image).empty
+
+
+def test_text_reader_grey_and_bgra_inputs(reader: TextReader) -> None:
+    """Grey and BGRA crops are read like BGR."""
+    bgr = render_text(["Grey input"], (260, 40), origin=(8, 6))
+    grey = np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY), dtype=np.uint8)
+    bgra = np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2BGRA), dtype=np.uint8)
+    assert "greyinput" in squeeze(joined_text(reader.read(grey)))
+    assert "greyinput" in squeeze(joined_text(reader.read(bgra)))
+
+
+def corpus_entries(prefix: str) -> list[dict[str, Any]]:
+    manifest = CORPUS / "MANIFEST.jsonl"
+    if not manifest.exists():
+        return []
+    entries = [json.loads(line) for line in manifest.read_text("utf-8").splitlines()]
+    return [entry for entry in entries if entry["file"].startswith(prefix)]
+
+
+def load_corpus_image(entry: dict[str, Any]) -> Image:
+    image = cv2.imread(str(CORPUS / entry["file"]), cv2.IMREAD_COLOR)
+    assert image is not None, f"cannot read {entry['file']}"
+    return np.asarray(image, dtype=np.uint8)
+
+
+ICDAR = corpus_entries("icdar2015/")
+SROIE = corpus_entries("sroie2019/")[:3]
+
+
+@pytest.mark.skipif(not ICDAR, reason="shared corpus not present")
+def test_text_reader_full_frame_scene_words(reader: TextReader) -> None:
+    """On whole 1280x720 scene frames, at least half the annotated words are read."""
+    found = total = 0
+    for entry in ICDAR:
+        text = squeeze(joined_text(reader.read(load_corpus_image(entry))))
+        words = [squeeze(word) for word in entry["expected"]]
+        found += sum(word in text for word in words)
+        total += len(words)
+    assert found / total >= 0.5, f"{found} of {total} words read"
+
+
+def best_ratio(expected: str, candidates: list[str]) -> float:
+    return max(
+        (difflib.SequenceMatcher(None, expected, candidate).ratio() for candidate in candidates),
+        default=0.0,
+    )
+
+
+@pytest.mark.skipif(not SROIE, reason="shared corpus not present")
+@pytest.mark.parametrize("entry", SROIE, ids=[entry["file"] for entry in SROIE])
+def test_text_reader_receipt_lines(reader: TextReader, entry: dict[str, Any]) -> None:
+    """On a scanned receipt, most annotated lines have a close match among the lines read."""
+    lines = [squeeze(line.text) for line in reader.read(load_corpus_image(entry)).lines]
+    expected = [squeeze(text) for text in entry["expected"] if len(squeeze(text)) >= 4]
+    matched = sum(best_ratio(text, lines) >= 0.8 for text in expected)
+    assert matched / len(expected) >= 0.6, f"{matched} of {len(expected)} lines matched"
