@@ -1,4 +1,4 @@
-"""Tests for the zbar code reader on rendered codes and on the shared real-image corpus."""
+"""Tests for the zbar code reader on rendered codes and on real QR code images."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for the OCR reader on rendered labels and on the shared real-image corpus."""
+"""Tests for the OCR reader on rendered labels and on real scene photos and receipt scans."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ pyzbar 0.1.9's ``decode()`` cannot set scanner options, and zbar by default conv
 payloads to UTF-8 by guessing their charset, which garbles UTF-8, Shift_JIS and binary
 payloads. This module therefore drives zbar through pyzbar's ctypes bindings
 (``pyzbar.wrapper``) and turns on ``ZBAR_CFG_BINARY`` (zbar >= 0.23) so that ``Code.data``
-holds the bytes stored in the symbol.
+contains the bytes stored in the symbol.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from edge.results import Box, Code, Image, Reading
 
 logger = logging.getLogger(__name__)
 
-# Symbol types from zbar.h (enum zbar_symbol_type_e); the keys are the names pyzbar uses.
+# Symbol types from zbar.h (enum zbar_symbol_type_e), keyed by the names pyzbar uses.
 SYMBOL_TYPES: dict[str, int] = {
     "EAN2": 2,
     "EAN5": 5,
@@ -76,7 +76,7 @@ class _Symbol:
 
 @dataclass(frozen=True, slots=True)
 class _Attempt:
-    """One way of preparing the grey image for zbar; ``scale`` maps back to input pixels."""
+    """A grey image prepared for one zbar scan, and its scale relative to the input image."""
 
     name: str
     image: Image
@@ -190,9 +190,9 @@ def payload_text(data: bytes) -> str | None:
        segments as Shift_JIS, and Japanese generators often write byte segments in it too.
     3. Anything else is binary: ``None``.
 
-    Text that contains a control character other than tab, CR, LF or GS (the GS1 field
-    separator), a C1 control or DEL is also treated as binary, because such bytes rarely
-    belong to text and would corrupt logs and JSON consumers.
+    Text that contains a C0 control character other than tab, CR, LF or GS (the GS1 field
+    separator), a C1 control or DEL is also treated as binary. Such bytes rarely belong to
+    text, and they would corrupt logs and JSON consumers.
 
     NOTE: ECI designators are not visible through zbar's binary mode, so an ISO-8859-1
     payload with accented letters is reported as binary rather than as Latin-1 text.
@@ -253,7 +253,7 @@ def to_grey(image: Image) -> Image:
 
 
 def _u8(array: Any) -> Image:
-    """Type an OpenCV result as :data:`Image`; no copy for uint8 arrays."""
+    """Type an OpenCV result as :data:`Image` without copying a uint8 array."""
     return np.asarray(array, dtype=np.uint8)
 
 
@@ -307,7 +307,7 @@ def _invert(grey: Image) -> Image:
 
 
 def _attempts(image: Image, *, try_harder: bool) -> Iterator[_Attempt]:
-    """Yield prepared images, cheapest and most likely first; each is built only when needed."""
+    """Yield prepared images, cheapest and most likely first, building each only when needed."""
     grey = to_grey(image)
     factor = _upscale_factor(grey)
     yield _Attempt("grey", grey, 1.0)

@@ -1,8 +1,8 @@
 """OCR reader for text regions, built on rapidocr-onnxruntime 1.4.4 (PP-OCRv4 models).
 
-``RapidOCR.__call__`` with its default settings suits whole photos but not crops: its text
+``RapidOCR.__call__`` with its default settings suits whole photos but not crops. Its text
 detector scales the shorter side up to 736 pixels (``limit_type: min``), so a small label
-crop costs more than a whole frame, and it runs the angle classifier on every line.
+crop costs more than a whole frame. It also runs the angle classifier on every line.
 :class:`TextReader` keeps rapidocr's models, sessions and post-processing but runs the
 steps itself: it never upscales, sends thin wide crops straight to the recogniser, runs the
 classifier only when asked, and sets the onnxruntime thread count.
@@ -27,10 +27,11 @@ logger = logging.getLogger(__name__)
 
 # The DB text detector downsamples by 32, so its input sides must be multiples of 32.
 _DET_STRIDE = 32
-# Below this height (pixels) a crop cannot hold two lines of legible text, and the detector
-# would need to upscale it, so it goes straight to the recogniser.
+# Crops below this height (pixels) rarely hold two legible lines, and the detector would need
+# to upscale them, so they go straight to the recogniser.
 _MIN_DETECT_HEIGHT = 32
-# Crops smaller than this on either side hold no legible glyph; they return an empty reading.
+# Crops smaller than this (pixels) on either side contain no legible glyph, so they return an
+# empty reading.
 _MIN_TEXT_SIDE = 4
 # A row is ink-bearing when at least this share of its pixels is ink (after Otsu).
 _INK_ROW_SHARE = 0.02
@@ -121,7 +122,7 @@ class TextReader(Reader):
             self.use_angle_classifier,
         )
         # Only the sessions, the models and the post-processing objects of RapidOCR are used;
-        # the detection limits below matter only if someone calls the engine directly.
+        # the detection limits below matter only when the engine is called directly.
         engine = RapidOCR(
             intra_op_num_threads=self.threads,
             inter_op_num_threads=1,
@@ -236,7 +237,7 @@ class TextReader(Reader):
 
 
 def _u8(array: Any) -> Image:
-    """Type an OpenCV result as :data:`Image`; no copy for uint8 arrays."""
+    """Type an OpenCV result as :data:`Image` without copying a uint8 array."""
     return np.asarray(array, dtype=np.uint8)
 
 
