@@ -1,15 +1,18 @@
-"""Tests for the simulated camera, on files made here."""
+"""Tests for the simulated and OpenCV cameras, on files made here."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 import pytest
 
+from edge.camera.opencv import OpenCVCamera
 from edge.camera.simulated import SimulatedCamera, read_image, to_bgr8
 from edge.errors import CameraError, ImageError, SourceExhausted
 from edge.results import Frame
@@ -42,7 +45,7 @@ def write_video(path: Path, frame_count: int) -> Path:
     return path
 
 
-async def read_all(camera: SimulatedCamera, limit: int = 1000) -> list[Frame]:
+async def read_all(camera: SimulatedCamera | OpenCVCamera, limit: int = 1000) -> list[Frame]:
     """Read frames until the camera raises CameraError (SourceExhausted included)."""
     frames: list[Frame] = []
     for _ in range(limit):
@@ -338,3 +341,92 @@ def test_to_bgr8_float_image_scaled() -> None:
     converted = to_bgr8(pixels)
 
     assert converted[0, :, 0].tolist() == [0, 128, 255, 255]
+
+
+async def test_opencv_video_file_frames(tmp_path: Path) -> None:
+    """A video file as device gives BGR frames in increasing seq, then CameraError."""
+    video = write_video(tmp_path / "clip.avi", 30)
+
+    async with OpenCVCamera(str(video), read_timeout=5.0) as camera:
+        frames = await read_all(camera)
+
+    seqs = [frame.seq for frame in frames]
+    assert frames
+    assert seqs == sorted(set(seqs))
+    assert frames[0].image.shape == (HEIGHT, WIDTH, 3)
+    assert frames[0].source == str(video)
+    assert len(frames) + camera.dropped == 30
+
+
+async def test_opencv_slow_consumer_gets_newest(tmp_path: Path) -> None:
+    """A consumer that waits gets the newest frame, and every earlier one counts as dropped."""
+    video = write_video(tmp_path / "clip.avi", 20)
+
+    async with OpenCVCamera(str(video)) as camera:
+        # The capture thread decodes the 20 small frames in well under a second.
+        await asyncio.sleep(1.0)
+        frame = await camera.read()
+
+    assert frame.seq == camera.dropped
+    assert frame.seq == 19
+
+
+async def test_opencv_missing_device_raises(tmp_path: Path) -> None:
+    """Opening a device path that does not exist raises CameraError."""
+    camera = OpenCVCamera(str(tmp_path / "absent.avi"))
+
+    with pytest.raises(CameraError, match="cannot open camera"):
+        await camera.open()
+
+
+class StalledCapture:
+    """A VideoCapture stand-in whose read blocks until released, like a stalled webcam."""
+
+    def __init__(self, *args: Any) -> None:
+        self.released = threading.Event()
+
+    def isOpened(self) -> bool:
+        return True
+
+    def set(self, prop: int, value: float) -> bool:
+        return True
+
+    def get(self, prop: int) -> float:
+        return 0.0
+
+    def read(self) -> tuple[bool, None]:
+        self.released.wait(5.0)
+        return False, None
+
+    def release(self) -> None:
+        self.released.set()
+
+
+async def test_opencv_read_timeout_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device that delivers nothing makes read raise CameraError after read_timeout."""
+    captures: list[StalledCapture] = []
+
+    def make_capture(*args: Any) -> StalledCapture:
+        capture = StalledCapture(*args)
+        captures.append(capture)
+        return capture
+
+    monkeypatch.setattr(cv2, "VideoCapture", make_capture)
+    camera = OpenCVCamera(0, read_timeout=0.2)
+    await camera.open()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    with pytest.raises(CameraError, match=r"no frame from camera 0 within 0\.2 s"):
+        await camera.read()
+
+    elapsed = loop.time() - started
+    captures[0].released.set()
+    await camera.close()
+    assert elapsed >= 0.15
+
+
+async def test_opencv_read_before_open_raises() -> None:
+    """Reading a camera that was never opened raises CameraError."""
+    with pytest.raises(CameraError, match="not open"):
+        await OpenCVCamera(0).read()
