@@ -1,4 +1,4 @@
-"""Tests for the simulated and OpenCV cameras, on files made here."""
+"""Tests for the simulated and OpenCV cameras and the camera factory, on files made here."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from edge.camera.factory import create_camera
 from edge.camera.opencv import OpenCVCamera
 from edge.camera.simulated import SimulatedCamera, read_image, to_bgr8
-from edge.errors import CameraError, ImageError, SourceExhausted
+from edge.errors import CameraError, ConfigError, ImageError, SourceExhausted
 from edge.results import Frame
 
 WIDTH = 64
@@ -430,3 +431,43 @@ async def test_opencv_read_before_open_raises() -> None:
     """Reading a camera that was never opened raises CameraError."""
     with pytest.raises(CameraError, match="not open"):
         await OpenCVCamera(0).read()
+
+
+def test_factory_simulated_kind(tmp_path: Path) -> None:
+    """The simulated kind builds a SimulatedCamera with the given options."""
+    camera = create_camera("simulated", path=tmp_path, fps=2.0, loop=True)
+
+    assert isinstance(camera, SimulatedCamera)
+
+
+def test_factory_opencv_kind() -> None:
+    """The opencv kind builds an OpenCVCamera with the given options."""
+    camera = create_camera("opencv", device="0", width=640, height=480)
+
+    assert isinstance(camera, OpenCVCamera)
+
+
+def test_factory_unknown_kind_raises() -> None:
+    """An unknown kind raises ConfigError with the key camera.kind."""
+    with pytest.raises(ConfigError, match="unknown camera kind 'ip'") as caught:
+        create_camera("ip")
+
+    assert caught.value.key == "camera.kind"
+
+
+def test_factory_picamera2_not_available() -> None:
+    """The picamera2 kind raises CameraError saying the backend is not in this build."""
+    with pytest.raises(CameraError, match="picamera2 camera backend is not available"):
+        create_camera("picamera2")
+
+
+def test_factory_unknown_option_raises(tmp_path: Path) -> None:
+    """An option the backend does not take raises ConfigError."""
+    with pytest.raises(ConfigError, match="invalid options"):
+        create_camera("simulated", path=tmp_path, colour=True)
+
+
+def test_factory_invalid_value_raises(tmp_path: Path) -> None:
+    """A negative fps raises ConfigError naming fps."""
+    with pytest.raises(ConfigError, match="fps"):
+        create_camera("simulated", path=tmp_path, fps=-1.0)
