@@ -33,6 +33,9 @@ _MIN_DETECT_HEIGHT = 32
 # Crops smaller than this (pixels) on either side contain no legible glyph, so they return an
 # empty reading.
 _MIN_TEXT_SIDE = 4
+# Margin (pixels) added around an input before detection, because the DB detector misses lines
+# that touch the image edge and detector regions are often cropped tight.
+_DET_PAD = 16
 # A row is ink-bearing when at least this share of its pixels is ink (after Otsu).
 _INK_ROW_SHARE = 0.02
 # Normalisation used by PP-OCR's detector: (pixel / 255 - 0.5) / 0.5.
@@ -59,7 +62,8 @@ class TextReader(Reader):
             upside-down lines before recognition. Costs one more model run per read.
         min_score: Recognition confidence in 0..1 below which a line is dropped.
         max_side: Longer side in pixels above which the input is downscaled before
-            detection. The default keeps a 1280 x 720 frame at full size.
+            reading. The detector also gets a 16-pixel margin on each side. The default
+            keeps a 1280 x 720 frame at full size.
         single_line_aspect: Minimum width / height ratio for the recognition-only path.
     """
 
@@ -121,8 +125,8 @@ class TextReader(Reader):
             self.threads,
             self.use_angle_classifier,
         )
-        # Only the sessions, the models and the post-processing objects of RapidOCR are used;
-        # the detection limits below matter only when the engine is called directly.
+        # Only the sessions, the models and the post-processing objects of RapidOCR are used.
+        # The detection limits below matter only when the engine is called directly.
         engine = RapidOCR(
             intra_op_num_threads=self.threads,
             inter_op_num_threads=1,
@@ -198,14 +202,18 @@ class TextReader(Reader):
         return [(text, score, corners)]
 
     def _detect_and_recognise(self, image: Image) -> list[tuple[str, float, FloatArray]]:
-        boxes = self._detect(image)
+        padded = _pad_with_background(image, _DET_PAD)
+        boxes = self._detect(padded)
         if not boxes:
             return []
-        crops = self.engine.get_crop_img_list(image, boxes)
+        crops = self.engine.get_crop_img_list(padded, boxes)
         if self.use_angle_classifier:
             crops, _, _ = self.engine.text_cls(crops)
         recognised = self._recognise(crops)
-        return [(text, score, box) for (text, score), box in zip(recognised, boxes, strict=True)]
+        return [
+            (text, score, box - _DET_PAD)
+            for (text, score), box in zip(recognised, boxes, strict=True)
+        ]
 
     def _detect(self, image: Image) -> list[FloatArray]:
         """Run the DB text detector at the image's own size (rounded to multiples of 32)."""
@@ -255,6 +263,13 @@ def _to_bgr(image: Image) -> Image:
         return np.ascontiguousarray(image)
     msg = f"text reader needs an H x W grey, BGR or BGRA image, got shape {image.shape}"
     raise ImageError(msg)
+
+
+def _pad_with_background(image: Image, pad: int) -> Image:
+    """Add a margin filled with the median colour of the image's outer rows and columns."""
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    colour = [int(value) for value in np.median(border, axis=0)]
+    return _u8(cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=colour))
 
 
 def _count_ink_bands(image: Image) -> int:
