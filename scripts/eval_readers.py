@@ -3,9 +3,10 @@
 Usage: .venv/bin/python scripts/eval_readers.py [CORPUS_DIR]
 
 For each image, a decode counts as a hit when one decoded payload equals the MANIFEST
-``expected`` value: for CodeReader, ``Code.text`` equals it or ``Code.data`` equals its UTF-8
-bytes (Shift_JIS payloads keep their raw bytes in ``data``); for pyzbar, whose output is
-already converted to UTF-8, the data equals its UTF-8 bytes. CodeReader is given the whole image, as
+``expected`` value. A CodeReader code matches when its ``text`` equals that value or its
+``data`` equals the value's UTF-8 bytes, because Shift_JIS payloads keep their raw bytes in
+``data``. A pyzbar result matches when its data equals the UTF-8 bytes, since pyzbar already
+converts payloads to UTF-8. CodeReader is given the whole image, as
 the pipeline's full-frame fallback would; plain ``pyzbar.pyzbar.decode`` gets the same
 image. Prints one row per corpus folder and the images only one decoder got right.
 """
@@ -31,7 +32,11 @@ DEFAULT_CORPUS = Path("/work/shared/corpus")
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("corpus", nargs="?", type=Path, default=DEFAULT_CORPUS)
-    parser.add_argument("--try-harder", action="store_true", help="use CodeReader(try_harder=True)")
+    parser.add_argument(
+        "--try-harder",
+        action="store_true",
+        help="run every CodeReader retry and merge the results (slower)",
+    )
     args = parser.parse_args()
 
     reader = CodeReader(try_harder=args.try_harder)

@@ -302,7 +302,7 @@ CORPUS_QR = {
     for entry in corpus_entries("qr")
     if entry["file"].startswith(("zxing/qrcode-2/", "zxing-cpp/qrcode-2/qr-inv"))
 }
-# zbar 0.23.92 cannot read these (QR Model 1, heavy distortion), so they are left out.
+# Neither this reader nor plain pyzbar decodes these three with zbar 0.23.92, so they are left out.
 CORPUS_UNREADABLE = {"zxing/qrcode-2/12.png", "zxing/qrcode-2/13.png", "zxing/qrcode-2/33.png"}
 
 
