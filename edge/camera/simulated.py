@@ -217,29 +217,11 @@ class SimulatedCamera(Camera):
             return frame
 
     async def _open_source(self) -> None:
-        if not self._path.exists():
-            msg = (
-                f"camera path {self._path} does not exist; set camera.path to an image, "
-                "a folder of images or a video file"
-            )
-            raise CameraError(msg, source=str(self._path))
-        if self._path.is_dir():
-            self._files = sorted(
-                (
-                    child
-                    for child in self._path.iterdir()
-                    if child.is_file() and child.suffix.lower() in IMAGE_EXTENSIONS
-                ),
-                key=lambda child: child.name,
-            )
-            if not self._files:
-                extensions = " ".join(sorted(IMAGE_EXTENSIONS))
-                msg = f"folder {self._path} has no images ({extensions}); add images to it"
-                raise CameraError(msg, source=str(self._path))
-        elif self._path.suffix.lower() in IMAGE_EXTENSIONS:
-            self._files = [self._path]
-        else:
+        files = await self._in_worker(list_images, self._path)
+        if files is None:
             await self._open_video()
+        else:
+            self._files = files
 
     async def _open_video(self) -> None:
         video = await self._in_worker(cv2.VideoCapture, str(self._path))
@@ -324,6 +306,41 @@ class SimulatedCamera(Camera):
             raise CameraError(msg, source=str(self._path))
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, function, *args)
+
+
+def list_images(path: Path) -> list[Path] | None:
+    """List the images to replay from a path, in file name order.
+
+    Returns:
+        The path itself when it is an image file, the images in it when it is a folder, or
+        ``None`` when it is another file, to be opened as a video.
+
+    Raises:
+        CameraError: The path does not exist, or the folder has no images.
+    """
+    if not path.exists():
+        msg = (
+            f"camera path {path} does not exist; set camera.path to an image, "
+            "a folder of images or a video file"
+        )
+        raise CameraError(msg, source=str(path))
+    if path.is_dir():
+        files = sorted(
+            (
+                child
+                for child in path.iterdir()
+                if child.is_file() and child.suffix.lower() in IMAGE_EXTENSIONS
+            ),
+            key=lambda child: child.name,
+        )
+        if not files:
+            extensions = " ".join(sorted(IMAGE_EXTENSIONS))
+            msg = f"folder {path} has no images ({extensions}); add images to it"
+            raise CameraError(msg, source=str(path))
+        return files
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return [path]
+    return None
 
 
 def read_image(path: Path) -> Image:
