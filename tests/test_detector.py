@@ -34,13 +34,14 @@ def write_model(
     metadata: dict[str, str] | None = None,
     input_shape: tuple[int | str, ...] = (1, 3, SIZE, SIZE),
     output_shape: tuple[int | str, ...] | None = None,
+    input_type: int = TensorProto.FLOAT,
 ) -> Path:
     """Write a model whose single output is ``output`` whatever the input."""
     constant = numpy_helper.from_array(output.astype(np.float32), name="fixed")
     graph = helper.make_graph(
         [helper.make_node("Identity", ["fixed"], ["output0"])],
         "fixed_output",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, list(input_shape))],
+        [helper.make_tensor_value_info("images", input_type, list(input_shape))],
         [
             helper.make_tensor_value_info(
                 "output0", TensorProto.FLOAT, list(output_shape or output.shape)
@@ -129,6 +130,48 @@ def test_detector_end_to_end_skips_nms(tmp_path: Path) -> None:
     assert detector.layout is OutputLayout.END_TO_END
     assert [region.box for region in regions] == [Box(10, 10, 20, 20), Box(11, 11, 20, 20)]
     assert [region.class_name for region in regions] == ["qr_code", "qr_code"]
+
+
+def test_detector_yolov5_single_class_by_anchor_count(tmp_path: Path) -> None:
+    """A [1, N, 6] output with YOLOv5's anchor count is decoded as YOLOv5, not end-to-end."""
+    output = rows_first([[32, 32, 10, 10, 0.5, 0.8]], anchors=yolov5_anchor_count((SIZE, SIZE)))
+    model = write_model(tmp_path / "v5.onnx", output, metadata={"names": "['text']"})
+    detector = Detector(model)
+
+    regions = detector.detect(blank())
+
+    assert detector.layout is OutputLayout.YOLOV5
+    assert [region.score for region in regions] == pytest.approx([0.4])
+    assert [region.box for region in regions] == [Box(27, 27, 10, 10)]
+
+
+def test_detector_end2end_metadata_overrides(tmp_path: Path) -> None:
+    """end2end metadata makes a [1, N, 6] output with YOLOv5's anchor count end-to-end."""
+    output = rows_first([[8, 8, 40, 40, 0.9, 0]], anchors=yolov5_anchor_count((SIZE, SIZE)))
+    model = write_model(
+        tmp_path / "e2e.onnx", output, metadata={"names": "['text']", "end2end": "True"}
+    )
+    detector = Detector(model)
+
+    regions = detector.detect(blank())
+
+    assert detector.layout is OutputLayout.END_TO_END
+    assert [region.box for region in regions] == [Box(8, 8, 32, 32)]
+
+
+def test_detector_float16_input_accepted(tmp_path: Path) -> None:
+    """A model with a float16 input gets a float16 tensor and runs."""
+    output = anchors_last([[32, 32, 4, 4, 0.9, 0.0]])
+    model = write_model(
+        tmp_path / "half.onnx",
+        output,
+        metadata={"names": NAMES},
+        input_type=TensorProto.FLOAT16,
+    )
+
+    regions = Detector(model).detect(blank())
+
+    assert len(regions) == 1
 
 
 def test_detector_end_to_end_unknown_class_rejected(tmp_path: Path) -> None:
@@ -287,6 +330,18 @@ def test_detector_labels_file_names_classes(tmp_path: Path) -> None:
     detector = Detector(model, labels_path=labels)
 
     assert detector.class_names == ("text", "barcode")
+
+
+def test_detector_labels_file_overrides_metadata(tmp_path: Path) -> None:
+    """A labels file given by the caller wins over the model's names metadata."""
+    labels = tmp_path / "labels.txt"
+    labels.write_text("words\ncodes\n", encoding="utf-8")
+    output = anchors_last([[32, 32, 4, 4, 0.0, 0.9]])
+    model = write_model(tmp_path / "v8.onnx", output, metadata={"names": NAMES})
+
+    detector = Detector(model, labels_path=labels)
+
+    assert detector.class_names == ("words", "codes")
 
 
 def test_detector_class_names_argument_overrides(tmp_path: Path) -> None:
