@@ -96,6 +96,7 @@ class OpenCVCamera(Camera):
         capture = await asyncio.to_thread(self._open_capture)
         self._capture = capture
         self._stop.clear()
+        self._slot = None
         self._capture_error = None
         loop = asyncio.get_running_loop()
         self._thread = threading.Thread(
