@@ -52,7 +52,7 @@ PAD_VALUE = 114
 _YOLOV5_STRIDES = (8, 16, 32)
 _YOLOV5_ANCHORS_PER_CELL = 3
 
-_ORT_LOAD_ERRORS = (
+_ORT_ERRORS = (
     ort_errors.Fail,
     ort_errors.InvalidArgument,
     ort_errors.InvalidProtobuf,
@@ -125,8 +125,9 @@ class Detector:
         self._score_threshold = score_threshold
         self._iou_threshold = iou_threshold
         self._threads = threads if threads is not None else len(os.sched_getaffinity(0))
-        #: Boxes dropped by the latest :meth:`detect` call (non-finite, empty after clamping
-        #: to the frame, or an end-to-end class id with no name).
+        #: Boxes dropped by the latest :meth:`detect` call (a non-finite coordinate or an
+        #: infinite score, empty after clamping to the frame, or an end-to-end class id with
+        #: no name).
         self.last_rejected = 0
 
         self._session: ort.InferenceSession | None = _open_session(self._model_path, self._threads)
@@ -216,7 +217,7 @@ class Detector:
         boxes, scores, class_ids = decode_output(raw, self._layout, self._score_threshold)
         boxes = unletterbox_boxes(boxes, letterbox)
 
-        finite = np.isfinite(boxes).all(axis=1)
+        finite = np.isfinite(boxes).all(axis=1) & np.isfinite(scores)
         known_class = (class_ids >= 0) & (class_ids < len(self._class_names))
         keep = finite & known_class
         rejected = int(np.count_nonzero(~keep))
@@ -246,7 +247,7 @@ class Detector:
             raise ModelError(msg, path=str(self._model_path))
         try:
             outputs = self._session.run(None, {self._input_name: tensor})
-        except _ORT_LOAD_ERRORS as exc:
+        except _ORT_ERRORS as exc:
             msg = f"inference failed for model {self._model_path}: {exc}"
             raise ModelError(msg, path=str(self._model_path)) from exc
         return np.asarray(outputs[0], dtype=np.float32)
@@ -270,7 +271,13 @@ class Detector:
         if len(shape) != 4:
             msg = f"model {self._model_path} has input shape {list(shape)}; expected [1, 3, H, W]"
             raise ModelError(msg, path=str(self._model_path))
-        height, width = shape[2], shape[3]
+        channels, height, width = shape[1], shape[2], shape[3]
+        if isinstance(channels, int) and channels != 3:
+            msg = (
+                f"model {self._model_path} has input shape {list(shape)}, but the detector "
+                "feeds RGB images as [1, 3, H, W]; export the model with 3 input channels"
+            )
+            raise ModelError(msg, path=str(self._model_path))
         if isinstance(height, int) and isinstance(width, int):
             if fallback is not None and fallback != (height, width):
                 logger.warning(
@@ -519,7 +526,7 @@ def _open_session(model_path: Path, threads: int) -> ort.InferenceSession:
         return ort.InferenceSession(
             model_bytes, sess_options=options, providers=["CPUExecutionProvider"]
         )
-    except _ORT_LOAD_ERRORS as exc:
+    except _ORT_ERRORS as exc:
         msg = f"model file {model_path} is not a valid ONNX model ({exc}); export it again"
         raise ModelError(msg, path=str(model_path)) from exc
 

@@ -309,6 +309,29 @@ def test_detector_nan_box_rejected(tmp_path: Path) -> None:
     assert rejected == 1
 
 
+def test_detector_infinite_score_rejected(tmp_path: Path) -> None:
+    """A box with an infinite score is dropped and counted instead of ranking first."""
+    output = anchors_last([[10, 10, 4, 4, np.inf, 0.0], [32, 32, 4, 4, 0.8, 0.0]])
+    model = write_model(tmp_path / "v8.onnx", output, metadata={"names": NAMES})
+    detector = Detector(model)
+
+    regions, rejected = detector.detect_counted(blank())
+
+    assert [region.score for region in regions] == pytest.approx([0.8])
+    assert rejected == 1
+
+
+def test_detector_grey_input_model_raises(tmp_path: Path) -> None:
+    """A model with a one-channel input raises ModelError naming its input shape."""
+    output = anchors_last([[32, 32, 4, 4, 0.9, 0.0]])
+    model = write_model(
+        tmp_path / "grey.onnx", output, metadata={"names": NAMES}, input_shape=(1, 1, SIZE, SIZE)
+    )
+
+    with pytest.raises(ModelError, match=r"input shape \[1, 1, 64, 64\], but"):
+        Detector(model)
+
+
 def test_detector_many_detections_not_capped(tmp_path: Path) -> None:
     """Every separate box above the threshold is returned, with no fixed maximum."""
     rows = [[4 + 8 * (i % 8), 4 + 8 * (i // 8), 4, 4, 0.5, 0.0] for i in range(64)]
