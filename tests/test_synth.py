@@ -153,6 +153,7 @@ def test_samples_match_make_samples() -> None:
         # JPEG library build makes the pixels differ.
         quality = [cv2.IMWRITE_JPEG_QUALITY, make_samples.JPEG_QUALITY]
         encoded = cv2.imdecode(cv2.imencode(".jpg", image, quality)[1], cv2.IMREAD_COLOR)
+        assert encoded is not None
         error = np.abs(stored.astype(np.int16) - encoded.astype(np.int16)).mean()
         assert error < 1.0, frame["file"]
 
