@@ -3,7 +3,8 @@
 Three output layouts are read. The anchor axis (one entry per candidate box) is taken to be
 the larger of the two non-batch axes. YOLO exports have far more candidates than values per
 candidate: 8400 anchors at 640x640 against 4 + C values, or typically 300 end-to-end rows
-against 6.
+against 6. A model with more values than anchors (many classes at a tiny input) is misread,
+and the class-count check against its names then raises ModelError.
 
 * ``[1, 4+C, N]`` (YOLOv8, YOLO11): anchors on the last axis; cx, cy, w, h, then C class scores.
 * ``[1, N, 5+C]`` (YOLOv5): anchors on the middle axis; cx, cy, w, h, objectness, C class
@@ -11,7 +12,7 @@ against 6.
 * ``[1, N, 6]`` (end-to-end exports such as YOLOv10 and YOLO26): x1, y1, x2, y2, score,
   class id, already suppressed, so no NMS runs on them.
 
-A single-class YOLOv5 export is also ``[1, N, 6]``. It is told apart from an end-to-end export
+A single-class YOLOv5 export is also ``[1, N, 6]``. It is distinguished from an end-to-end export
 by its anchor count: YOLOv5 has 3 anchors per grid cell at strides 8, 16 and 32, so N equals
 ``3 * sum((H / s) * (W / s))`` for the input size H x W. Any other N with 6 values per row is
 read as end-to-end. An ``end2end`` entry in the model metadata (``True`` or ``False``), when
