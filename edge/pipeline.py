@@ -180,7 +180,7 @@ class Pipeline:
         box = Box(0, 0, frame.width, frame.height)
         return _Job(Region("frame", 1.0, box), self._code_reader, Origin.FULL_FRAME, frame.image)
 
-    async def _run(self, frame: Frame, jobs: Sequence[_Job]) -> dict[int, OpResult | None]:
+    async def _run(self, frame: Frame, jobs: Sequence[_Job]) -> dict[int, OpResult[Reading] | None]:
         handles: dict[int, OpHandle[Reading] | None] = {}
         for job in jobs:
             reader = job.reader
@@ -246,7 +246,9 @@ def _to_frame(reading: Reading, offset: tuple[int, int]) -> Reading:
     return Reading(codes, lines)
 
 
-def _assemble(jobs: Sequence[_Job], outcomes: Mapping[int, OpResult | None]) -> list[RegionResult]:
+def _assemble(
+    jobs: Sequence[_Job], outcomes: Mapping[int, OpResult[Reading] | None]
+) -> list[RegionResult]:
     results = []
     for job in jobs:
         if job.reader is None:
@@ -256,7 +258,7 @@ def _assemble(jobs: Sequence[_Job], outcomes: Mapping[int, OpResult | None]) -> 
     return results
 
 
-def _region_result(job: _Job, reader: str, op: OpResult | None) -> RegionResult:
+def _region_result(job: _Job, reader: str, op: OpResult[Reading] | None) -> RegionResult:
     if op is None or op.outcome in (Outcome.REJECTED, Outcome.CANCELLED):
         return RegionResult(
             job.region,
@@ -267,6 +269,7 @@ def _region_result(job: _Job, reader: str, op: OpResult | None) -> RegionResult:
         )
     elapsed = (op.run_time or 0.0) * 1000
     if op.outcome is Outcome.SUCCEEDED:
+        assert op.value is not None
         reading = _to_frame(op.value, job.offset)
         status = RegionStatus.EMPTY if reading.empty else RegionStatus.OK
         return RegionResult(job.region, reader, status, reading, elapsed, job.origin)

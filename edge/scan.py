@@ -10,17 +10,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TextIO
 
-import cv2
-
+from edge.camera.simulated import IMAGE_EXTENSIONS, read_image
 from edge.config import Config
-from edge.errors import EdgeError
+from edge.errors import EdgeError, ImageError
 from edge.factory import build_pipeline
 from edge.results import Frame
 
 logger = logging.getLogger(__name__)
-
-#: File name extensions ``edge scan`` reads when given a folder.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
 
 class ScanInputError(EdgeError):
@@ -36,9 +32,9 @@ def collect_images(paths: Iterable[Path]) -> list[Path]:
     images: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
             if not found:
-                msg = f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {path}"
+                msg = f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in folder {path}"
                 raise ScanInputError(msg)
             images.extend(found)
         elif path.is_file():
@@ -60,9 +56,10 @@ async def scan(config: Config, paths: Sequence[Path], output: TextIO = sys.stdou
     failures = 0
     try:
         for seq, path in enumerate(images):
-            image = await asyncio.to_thread(cv2.imread, str(path), cv2.IMREAD_COLOR)
-            if image is None:
-                logger.error("cannot decode image %s; skipped", path)
+            try:
+                image = await asyncio.to_thread(read_image, path)
+            except (OSError, ImageError) as exc:
+                logger.error("skipped %s: %s", path, exc)
                 failures += 1
                 continue
             frame = Frame(seq=seq, captured_at=time.time(), image=image, source=str(path))

@@ -116,8 +116,13 @@ def camera_from_config(config: Config) -> Camera:
         return create_camera(
             "simulated", path=camera.path or SAMPLES_DIR, fps=camera.fps or None, loop=camera.loop
         )
+    device: int | str = int(camera.device) if camera.device.isdigit() else camera.device
     return create_camera(
-        camera.kind, device=camera.device, width=camera.width, height=camera.height, fps=camera.fps
+        camera.kind,
+        device=device,
+        width=camera.width or None,
+        height=camera.height or None,
+        fps=camera.fps or None,
     )
 
 

@@ -115,9 +115,11 @@ async def test_pipeline_reads_codes_and_text(
     assert read_codes == expected_codes
     text_regions = [r for r in result.regions if r.region.class_name == "text"]
     assert [r.status for r in text_regions] == [RegionStatus.OK]
-    words = " ".join(line.text for line in text_regions[0].reading.lines).lower().split()
+    # PP-OCR's recogniser often drops the spaces of small print, so words are looked up in
+    # the read text with its spaces removed.
+    read_text = "".join(line.text for line in text_regions[0].reading.lines).lower()
     expected_words = next(o.value for o in scene.objects if o.class_name == "text").lower().split()
-    found = sum(1 for word in expected_words if word in words)
+    found = sum(1 for word in expected_words if word in read_text.replace(" ", ""))
     assert found >= len(expected_words) // 2
 
 
