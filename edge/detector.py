@@ -228,14 +228,19 @@ class Detector:
             kept = nms_by_class(boxes, scores, class_ids, self._iou_threshold)
             boxes, scores, class_ids = boxes[kept], scores[kept], class_ids[kept]
 
-        regions: list[Region] = []
         height, width = image.shape[:2]
-        for box_xyxy, score, class_id in zip(boxes, scores, class_ids, strict=True):
-            box = clamp_box(box_xyxy, width, height)
-            if box is None:
-                rejected += 1
-                continue
-            regions.append(Region(self._class_names[int(class_id)], float(score), box))
+        corners = clamp_boxes(boxes, width, height)
+        has_area = (corners[:, 2] > corners[:, 0]) & (corners[:, 3] > corners[:, 1])
+        rejected += int(np.count_nonzero(~has_area))
+        regions = [
+            Region(self._class_names[class_id], score, Box(x1, y1, x2 - x1, y2 - y1))
+            for (x1, y1, x2, y2), score, class_id in zip(
+                corners[has_area].tolist(),
+                scores[has_area].tolist(),
+                class_ids[has_area].tolist(),
+                strict=True,
+            )
+        ]
         regions.sort(key=lambda region: region.score, reverse=True)
 
         if rejected:
@@ -478,20 +483,27 @@ def nms_by_class(
     return np.asarray(kept, dtype=np.int64).reshape(-1)
 
 
-def clamp_box(box_xyxy: FloatArray, width: int, height: int) -> Box | None:
-    """Clamp an x1, y1, x2, y2 box to a width x height frame and round it to whole pixels.
+def clamp_boxes(boxes: FloatArray, width: int, height: int) -> npt.NDArray[np.int64]:
+    """Clamp x1, y1, x2, y2 boxes to a width x height frame and round them to whole pixels.
 
-    Returns:
-        The box, or ``None`` when nothing of it is left inside the frame.
+    Corners are reordered so that x1 <= x2 and y1 <= y2. A box with nothing left inside the
+    frame comes out with x1 == x2 or y1 == y2.
     """
-    x1, y1, x2, y2 = (float(value) for value in box_xyxy)
-    left = round(min(max(min(x1, x2), 0.0), width))
-    right = round(min(max(max(x1, x2), 0.0), width))
-    top = round(min(max(min(y1, y2), 0.0), height))
-    bottom = round(min(max(max(y1, y2), 0.0), height))
-    if right <= left or bottom <= top:
-        return None
-    return Box(left, top, right - left, bottom - top)
+    left = np.minimum(boxes[:, 0], boxes[:, 2])
+    right = np.maximum(boxes[:, 0], boxes[:, 2])
+    top = np.minimum(boxes[:, 1], boxes[:, 3])
+    bottom = np.maximum(boxes[:, 1], boxes[:, 3])
+    corners: FloatArray = np.stack(
+        [
+            np.clip(left, 0, width),
+            np.clip(top, 0, height),
+            np.clip(right, 0, width),
+            np.clip(bottom, 0, height),
+        ],
+        axis=1,
+    )
+    rounded: FloatArray = np.rint(corners)
+    return rounded.astype(np.int64)
 
 
 def _xywh_to_xyxy(boxes: FloatArray) -> FloatArray:

@@ -174,6 +174,16 @@ def test_detector_float16_input_accepted(tmp_path: Path) -> None:
     assert len(regions) == 1
 
 
+def test_detector_end_to_end_reversed_corners(tmp_path: Path) -> None:
+    """An end-to-end box given as bottom-right then top-left comes out as the same box."""
+    output = rows_first([[30, 30, 10, 10, 0.9, 0]])
+    model = write_model(tmp_path / "e2e.onnx", output, metadata={"names": NAMES})
+
+    regions = Detector(model).detect(blank())
+
+    assert [region.box for region in regions] == [Box(10, 10, 20, 20)]
+
+
 def test_detector_end_to_end_unknown_class_rejected(tmp_path: Path) -> None:
     """An end-to-end row whose class id has no name is dropped and counted."""
     output = rows_first([[10, 10, 30, 30, 0.9, 7], [10, 10, 30, 30, 0.8, 0]])
