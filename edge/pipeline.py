@@ -49,8 +49,8 @@ CROP_MARGIN = 0.06
 class RegionDetector(Protocol):
     """What the pipeline needs of a detector."""
 
-    def detect(self, image: Image) -> list[Region]:
-        """Return the regions found in a BGR frame."""
+    def detect_counted(self, image: Image) -> tuple[list[Region], int]:
+        """Return the regions found in a BGR frame and the count of boxes it discarded."""
         ...
 
     def close(self) -> None:
@@ -122,11 +122,12 @@ class Pipeline:
         """Detect and read every region of one frame."""
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        detections = await loop.run_in_executor(
-            self._detect_executor, self._detector.detect, frame.image
+        detections, discarded = await loop.run_in_executor(
+            self._detect_executor, self._detector.detect_counted, frame.image
         )
         detected_at = time.perf_counter()
         regions, rejected = _accept_regions(detections, frame.seq)
+        rejected += discarded
         results = await self._read_all(frame, regions)
         finished = time.perf_counter()
         return FrameResult(

@@ -28,8 +28,8 @@ class OracleDetector:
 
     regions: list[Region]
 
-    def detect(self, image: Image) -> list[Region]:
-        return list(self.regions)
+    def detect_counted(self, image: Image) -> tuple[list[Region], int]:
+        return list(self.regions), 0
 
     def close(self) -> None:
         pass
