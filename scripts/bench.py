@@ -1,0 +1,326 @@
+"""Benchmark the daemon's pipeline against the naive way, on the same frames, in one process.
+
+Modes:
+  naive       full-frame OCR (rapidocr, default settings) plus full-frame pyzbar on every frame
+  sequential  the daemon's pipeline with one region read at a time
+  pipeline    the daemon's pipeline as configured by default
+
+Frame sets: generated scenes at 1280x720 and 1920x1080 with 1 to 8 labels and 0 to 4 codes, a
+static scene (one generated frame repeated, as a fixed camera sees most of the time), and the
+real images of ../shared/corpus. For each mode and set it prints frames per second, latency p50
+and p95, CPU seconds per frame (this process and its worker processes), peak resident memory
+while the mode ran, codes decoded and OCR word recall (spaces ignored, see scripts/evaluate.py).
+
+Usage: .venv/bin/python scripts/bench.py [--frames N] [--static N] [--corpus-limit N]
+       [--sets NAME,...] [--modes NAME,...] [--plot FILE] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psutil
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from edge.config import load_config  # noqa: E402
+from edge.factory import build_pipeline  # noqa: E402
+from edge.pipeline import Pipeline  # noqa: E402
+from edge.results import Frame  # noqa: E402
+from edge.synth import render_scene  # noqa: E402
+
+CORPUS = REPO.parent / "shared" / "corpus"
+
+
+@dataclass
+class Sample:
+    """One benchmark frame with what it is known to contain."""
+
+    image: np.ndarray
+    codes: list[str]
+    words: list[str]
+    source: str
+
+
+@dataclass
+class Figures:
+    """Measurements of one mode on one frame set."""
+
+    latencies: list[float] = field(default_factory=list)
+    wall: float = 0.0
+    cpu: float = 0.0
+    peak_rss: int = 0
+    codes_expected: int = 0
+    codes_read: int = 0
+    words_expected: int = 0
+    words_read: int = 0
+
+    def row(self) -> dict[str, float]:
+        n = len(self.latencies) or 1
+        return {
+            "fps": len(self.latencies) / self.wall if self.wall else 0.0,
+            "p50_ms": 1000 * float(np.percentile(self.latencies, 50)),
+            "p95_ms": 1000 * float(np.percentile(self.latencies, 95)),
+            "cpu_s_per_frame": self.cpu / n,
+            "peak_rss_mb": self.peak_rss / 2**20,
+            "codes": self.codes_read / self.codes_expected if self.codes_expected else float("nan"),
+            "word_recall": self.words_read / self.words_expected
+            if self.words_expected
+            else float("nan"),
+        }
+
+
+class RssSampler:
+    """Samples this process's resident memory (with its children) every 20 ms."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.wait(0.02):
+            try:
+                rss = me.memory_info().rss + sum(
+                    c.memory_info().rss for c in me.children(recursive=True)
+                )
+            except psutil.Error:
+                continue
+            self.peak = max(self.peak, rss)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its live child processes (the reader workers)."""
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += sum(child.cpu_times()[:2])
+    return total
+
+
+def generated(count: int, width: int, height: int, seed: int) -> list[Sample]:
+    rng = np.random.default_rng(seed)
+    samples = []
+    for index in range(count):
+        scene = render_scene(rng, width, height, labels=(1, 8), codes=(0, 4))
+        samples.append(
+            Sample(
+                scene.image,
+                [o.value for o in scene.objects if o.class_name != "text"],
+                [w for o in scene.objects if o.class_name == "text" for w in o.value.split()],
+                f"synth-{width}x{height}-{index}",
+            )
+        )
+    return samples
+
+
+def corpus(limit: int | None) -> list[Sample]:
+    import cv2
+
+    path = CORPUS / "MANIFEST.jsonl"
+    if not path.exists():
+        return []
+    entries = [json.loads(line) for line in path.read_text("utf-8").splitlines()]
+    samples = []
+    for entry in entries[:limit] if limit else entries:
+        image = cv2.imread(str(CORPUS / entry["file"]), cv2.IMREAD_COLOR)
+        if entry["kind"] == "text":
+            words = [w for text in entry["expected"] for w in text.split()]
+            samples.append(Sample(image, [], words, entry["file"]))
+        else:
+            samples.append(Sample(image, [entry["expected"]], [], entry["file"]))
+    return samples
+
+
+def score(figures: Figures, sample: Sample, codes: list[str], texts: list[str]) -> None:
+    figures.codes_expected += len(sample.codes)
+    remaining = list(codes)
+    for code in sample.codes:
+        if code in remaining:
+            remaining.remove(code)
+            figures.codes_read += 1
+    joined = "\n".join("".join(t.split()) for t in texts).lower()
+    figures.words_expected += len(sample.words)
+    counts: dict[str, int] = {}
+    for word in sample.words:
+        counts[word.lower()] = counts.get(word.lower(), 0) + 1
+    figures.words_read += sum(min(n, joined.count(w)) for w, n in counts.items())
+
+
+def naive_reader() -> Callable[[np.ndarray], tuple[list[str], list[str]]]:
+    from pyzbar import pyzbar
+    from rapidocr_onnxruntime import RapidOCR
+
+    engine = RapidOCR()
+
+    def read(image: np.ndarray) -> tuple[list[str], list[str]]:
+        result, _ = engine(image)
+        texts = [item[1] for item in result or []]
+        codes = [s.data.decode("utf-8", "replace") for s in pyzbar.decode(image)]
+        return codes, texts
+
+    return read
+
+
+def run_naive(samples: list[Sample], bar: tqdm) -> Figures:
+    read = naive_reader()
+    read(samples[0].image)  # warm-up
+    figures = Figures()
+    with RssSampler() as rss:
+        cpu0, wall0 = cpu_seconds(), time.perf_counter()
+        for sample in samples:
+            started = time.perf_counter()
+            codes, texts = read(sample.image)
+            figures.latencies.append(time.perf_counter() - started)
+            score(figures, sample, codes, texts)
+            bar.update()
+        figures.wall, figures.cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
+    figures.peak_rss = rss.peak
+    return figures
+
+
+async def run_pipeline(pipeline: Pipeline, samples: list[Sample], bar: tqdm) -> Figures:
+    await pipeline.process(Frame(0, time.time(), samples[0].image, "warm-up"))
+    figures = Figures()
+    with RssSampler() as rss:
+        cpu0, wall0 = cpu_seconds(), time.perf_counter()
+        for seq, sample in enumerate(samples, start=1):
+            started = time.perf_counter()
+            result = await pipeline.process(Frame(seq, time.time(), sample.image, sample.source))
+            figures.latencies.append(time.perf_counter() - started)
+            codes = [c.text or "" for r in result.regions for c in r.reading.codes]
+            texts = [line.text for r in result.regions for line in r.reading.lines]
+            score(figures, sample, codes, texts)
+            bar.update()
+        figures.wall, figures.cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
+    figures.peak_rss = rss.peak
+    return figures
+
+
+def frame_sets(args: argparse.Namespace) -> dict[str, list[Sample]]:
+    wanted = set(args.sets.split(","))
+    sets: dict[str, list[Sample]] = {}
+    if "720p" in wanted:
+        sets["720p"] = generated(args.frames, 1280, 720, seed=1)
+    if "1080p" in wanted:
+        sets["1080p"] = generated(args.frames, 1920, 1080, seed=2)
+    if "static" in wanted:
+        base = generated(1, 1280, 720, seed=3)[0]
+        sets["static"] = [base] * args.static
+    if "corpus" in wanted:
+        found = corpus(args.corpus_limit)
+        if found:
+            sets["corpus"] = found
+    return sets
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
+    sets = frame_sets(args)
+    modes = args.modes.split(",")
+    total = sum(len(s) for s in sets.values()) * len(modes)
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    config = load_config(args.config)
+    with tqdm(total=total, unit="frame", file=sys.stderr) as bar:
+        for mode in modes:
+            if mode != "naive":
+                pipeline_config = config
+                if mode == "sequential":
+                    from dataclasses import replace
+
+                    pipeline_config = replace(
+                        config, pipeline=replace(config.pipeline, concurrency=1)
+                    )
+                pipeline = await asyncio.to_thread(build_pipeline, pipeline_config)
+            for name, samples in sets.items():
+                bar.set_description(f"{mode} {name}")
+                if mode == "naive":
+                    figures = await asyncio.to_thread(run_naive, samples, bar)
+                else:
+                    figures = await run_pipeline(pipeline, samples, bar)
+                table.setdefault(name, {})[mode] = figures.row()
+            if mode != "naive":
+                await pipeline.aclose()
+    return table
+
+
+def print_table(table: dict[str, dict[str, dict[str, float]]]) -> None:
+    header = f"{'set':<8}{'mode':<12}{'fps':>7}{'p50 ms':>9}{'p95 ms':>9}{'cpu s/f':>9}"
+    print(header + f"{'peak MB':>9}{'codes':>8}{'words':>8}{'x naive':>9}")
+    for name, modes in table.items():
+        naive_fps = modes.get("naive", {}).get("fps")
+        for mode, row in modes.items():
+            ratio = row["fps"] / naive_fps if naive_fps else float("nan")
+            print(
+                f"{name:<8}{mode:<12}{row['fps']:>7.2f}{row['p50_ms']:>9.0f}{row['p95_ms']:>9.0f}"
+                f"{row['cpu_s_per_frame']:>9.2f}{row['peak_rss_mb']:>9.0f}"
+                f"{100 * row['codes']:>7.0f}%{100 * row['word_recall']:>7.0f}%{ratio:>9.2f}"
+            )
+
+
+def plot(table: dict[str, dict[str, dict[str, float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(table)
+    modes = sorted({m for modes in table.values() for m in modes})
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(modes)
+    for i, mode in enumerate(modes):
+        values = [table[n].get(mode, {}).get("fps", 0.0) for n in names]
+        ax.bar([x + i * width for x in range(len(names))], values, width, label=mode)
+    ax.set_xticks([x + width * (len(modes) - 1) / 2 for x in range(len(names))], names)
+    ax.set_ylabel("frames per second")
+    ax.set_yscale("log")
+    ax.set_title(f"edge pipeline vs naive, {os.cpu_count()} CPUs")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=20, help="generated frames per size")
+    parser.add_argument("--static", type=int, default=60, help="frames of the static scene")
+    parser.add_argument("--corpus-limit", type=int, help="only the first N corpus images")
+    parser.add_argument("--sets", default="720p,1080p,static,corpus")
+    parser.add_argument("--modes", default="naive,sequential,pipeline")
+    parser.add_argument("--config", type=Path, help="daemon configuration for the pipeline")
+    parser.add_argument("--plot", type=Path, default=Path("bench.png"))
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = parser.parse_args()
+    table = asyncio.run(main_async(args))
+    print_table(table)
+    plot(table, args.plot)
+    print(f"plot written to {args.plot}")
+    if args.json:
+        args.json.write_text(json.dumps(table, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
