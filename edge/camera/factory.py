@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from edge.camera.base import Camera
@@ -16,13 +17,14 @@ def create_camera(kind: str, **options: Any) -> Camera:
 
     Args:
         kind: ``simulated`` (:class:`~edge.camera.simulated.SimulatedCamera`), ``opencv``
-            (:class:`~edge.camera.opencv.OpenCVCamera`) or ``picamera2``.
+            (:class:`~edge.camera.opencv.OpenCVCamera`) or ``picamera2``
+            (:class:`~edge.camera.picamera.Picamera2Camera`).
         **options: Keyword arguments of the backend's constructor, such as ``path`` and
             ``fps`` for ``simulated`` or ``device`` and ``width`` for ``opencv``.
 
     Raises:
         ConfigError: ``kind`` is unknown, or an option is missing, unknown or invalid for it.
-        CameraError: The ``picamera2`` backend, which this build does not include yet.
+        CameraError: ``picamera2`` is requested but the picamera2 module is not installed.
     """
     if kind == "simulated":
         from edge.camera.simulated import SimulatedCamera
@@ -33,11 +35,18 @@ def create_camera(kind: str, **options: Any) -> Camera:
 
         return _construct(kind, OpenCVCamera, options)
     if kind == "picamera2":
-        msg = (
-            "the picamera2 camera backend is not available in this build yet; "
-            "use camera.kind opencv for a USB webcam or simulated for recorded files"
-        )
-        raise CameraError(msg, source="picamera2")
+        # Checked here, without importing picamera2, so that a missing package fails at
+        # start with the fix instead of at the first open.
+        if importlib.util.find_spec("picamera2") is None:
+            msg = (
+                "the picamera2 camera backend is not available: the picamera2 module is not "
+                "installed; install python3-picamera2 with apt and create the virtual "
+                "environment with --system-site-packages, or use camera.kind opencv"
+            )
+            raise CameraError(msg, source="picamera2")
+        from edge.camera.picamera import Picamera2Camera
+
+        return _construct(kind, Picamera2Camera, options)
     msg = f"unknown camera kind {kind!r}; expected one of {', '.join(CAMERA_KINDS)}"
     raise ConfigError(msg, key="camera.kind")
 
