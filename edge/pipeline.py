@@ -13,7 +13,7 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -194,7 +194,7 @@ class Pipeline:
                     job.crop,
                     kind=reader.kind,
                     name=name,
-                    on_cancel=reader.cancel if reader.kind == "thread" else None,
+                    on_cancel=_cancel_hook(reader),
                 )
             except DeadlineExceeded:
                 handles[id(job)] = None
@@ -210,6 +210,12 @@ class Pipeline:
         for reader in readers.values():
             reader.close()
         self._detector.close()
+
+
+def _cancel_hook(reader: Reader) -> Callable[[], None] | None:
+    """Return the reader's cancel method when it has one that does something."""
+    overridden = type(reader).cancel is not Reader.cancel
+    return reader.cancel if reader.kind == "thread" and overridden else None
 
 
 def _accept_regions(detections: Sequence[Region], seq: int) -> tuple[list[Region], int]:
