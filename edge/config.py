@@ -141,11 +141,34 @@ class MqttConfig:
     Attributes:
         enabled: Publish at all; ``false`` prints nothing and publishes nothing.
         host: Broker host name or address.
-        port: Broker TCP port.
+        port: Broker TCP port (8883 is the usual port with TLS).
         topic_prefix: First topic level; topics are ``{topic_prefix}/{device_id}/...``.
-        client_id: MQTT client id; defaults to ``edge-{device_id}``.
+        client_id: MQTT client id; defaults to ``edge-{device_id}-{machine}``, where
+            ``machine`` is derived from ``/etc/machine-id``, so devices that share a host
+            name still get different ids.
+        protocol: MQTT protocol version, ``3.1.1`` or ``5``.
         keepalive: Seconds between keep-alive pings.
-        connect_timeout: Seconds to wait for the broker's CONNACK.
+        connect_timeout: Seconds for the TCP connect, the TLS handshake and the CONNACK each.
+        reconnect_min_delay: Seconds before the first reconnect attempt; the delay doubles
+            after each failure up to ``reconnect_max_delay`` and is drawn at random below it.
+        reconnect_max_delay: Cap on the reconnect delay in seconds.
+        max_inflight: QoS 1 messages sent and not yet acknowledged at any time.
+        drain_grace: Seconds a clean exit waits for the outbox to be delivered. It is not
+            waited for when the broker was never reached during the run.
+        stats_interval: Seconds between messages on the ``stats`` topic; 0 sends none.
+        tls: Connect with TLS. Also switched on by ``ca_file``.
+        ca_file: PEM file of the certificate authorities to trust; ``None`` with ``tls``
+            uses the system store.
+        cert_file: PEM client certificate, for brokers that require one.
+        key_file: PEM private key of ``cert_file``. Under systemd ``LoadCredential=`` this can
+            point into ``/run/credentials/{unit name}/``.
+        username: User name for password authentication.
+        password_file: File holding the password. The credential ``mqtt-password`` in
+            ``$CREDENTIALS_DIRECTORY`` takes precedence, and ``EDGE_MQTT_PASSWORD`` in the
+            environment is used when neither exists.
+        discovery: Publish Home Assistant MQTT discovery messages.
+        discovery_prefix: Home Assistant's discovery prefix; its status topic is
+            ``{discovery_prefix}/status``.
     """
 
     enabled: bool = True
@@ -153,8 +176,63 @@ class MqttConfig:
     port: int = field(default=1883, metadata=_bounds(1, 65535))
     topic_prefix: str = "edge"
     client_id: str | None = None
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
     keepalive: int = field(default=30, metadata=_bounds(5, 3600))
     connect_timeout: float = field(default=5.0, metadata=_bounds(0.1, 120))
+    reconnect_min_delay: float = field(default=1.0, metadata=_bounds(0.01, 3600))
+    reconnect_max_delay: float = field(default=60.0, metadata=_bounds(0.01, 3600))
+    max_inflight: int = field(default=20, metadata=_bounds(1, 1000))
+    drain_grace: float = field(default=10.0, metadata=_bounds(0, 3600))
+    stats_interval: float = field(default=60.0, metadata=_bounds(0, 86400))
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    discovery: bool = False
+    discovery_prefix: str = "homeassistant"
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    """The durable outbox that keeps results until the broker acknowledges them.
+
+    Attributes:
+        path: SQLite file. ``$STATE_DIRECTORY/outbox.sqlite3`` is used instead when systemd
+            sets ``STATE_DIRECTORY`` (``StateDirectory=`` in the unit). ``None`` defaults to
+            ``$XDG_STATE_HOME/edge/outbox.sqlite3`` (``~/.local/state/edge/outbox.sqlite3``).
+        max_messages: Cap on stored messages.
+        max_bytes: Cap on the sum of stored payload sizes in bytes.
+        ttl: Seconds a message may wait for the broker before it is deleted; 0 keeps
+            messages until they are delivered or dropped by the cap.
+        drop_policy: At the cap, ``drop_oldest`` deletes the oldest messages and
+            ``drop_newest`` rejects new ones. Both are counted in the ``stats`` topic.
+    """
+
+    path: Path | None = None
+    max_messages: int = field(default=50_000, metadata=_bounds(1, 10_000_000))
+    max_bytes: int = field(default=100 * 1024 * 1024, metadata=_bounds(1024, 2**40))
+    ttl: float = field(default=7 * 24 * 3600.0, metadata=_bounds(0, 365 * 24 * 3600))
+    drop_policy: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
+
+
+@dataclass(frozen=True)
+class TrackerConfig:
+    """Settings of the tracker that turns repeated reads into events on the ``events`` topic.
+
+    Attributes:
+        enabled: Publish events at all.
+        min_iou: Intersection over union (0..1) above which a read in a new frame continues
+            a track of the same class and value; 0 accepts any overlap.
+        seen_again_interval: Minimum seconds between two ``seen_again`` events of one track.
+        gone_after: Seconds without a matching read after which a track ends with ``gone``.
+    """
+
+    enabled: bool = True
+    min_iou: float = field(default=0.0, metadata=_bounds(0, 1))
+    seen_again_interval: float = field(default=60.0, metadata=_bounds(0, 86400))
+    gone_after: float = field(default=10.0, metadata=_bounds(0.1, 86400))
 
 
 @dataclass(frozen=True)
@@ -180,6 +258,8 @@ class Config:
     readers: ReadersConfig = field(default_factory=ReadersConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -314,6 +394,7 @@ def _check_cross_fields(config: Config) -> None:
             f"{config.pipeline.frame_deadline} s; lower op_timeout or raise frame_deadline"
         )
         raise ConfigError(msg, key="pipeline.op_timeout")
+    _check_mqtt(config.mqtt)
     if config.camera.kind != "simulated" and config.camera.path is not None:
         msg = f"path is only used by the simulated camera, not by {config.camera.kind!r}"
         raise ConfigError(msg, key="camera.path")
@@ -328,3 +409,23 @@ def _check_cross_fields(config: Config) -> None:
     if config.detector.labels is not None and not config.detector.labels.is_file():
         msg = f"labels file not found: {config.detector.labels}"
         raise ConfigError(msg, key="detector.labels")
+
+
+def _check_mqtt(mqtt: MqttConfig) -> None:
+    if mqtt.reconnect_min_delay > mqtt.reconnect_max_delay:
+        msg = (
+            f"reconnect_min_delay {mqtt.reconnect_min_delay} s exceeds reconnect_max_delay "
+            f"{mqtt.reconnect_max_delay} s; lower the first or raise the second"
+        )
+        raise ConfigError(msg, key="mqtt.reconnect_min_delay")
+    if (mqtt.cert_file is None) != (mqtt.key_file is None):
+        msg = "cert_file and key_file must be set together for a TLS client certificate"
+        raise ConfigError(msg, key="mqtt.cert_file" if mqtt.cert_file is None else "mqtt.key_file")
+    for name in ("ca_file", "cert_file", "key_file", "password_file"):
+        path: Path | None = getattr(mqtt, name)
+        if path is not None and not path.is_file():
+            msg = f"file not found: {path}; set mqtt.{name} to an existing file"
+            raise ConfigError(msg, key=f"mqtt.{name}")
+    if mqtt.password_file is not None and mqtt.username is None:
+        msg = "password_file needs a username; set mqtt.username"
+        raise ConfigError(msg, key="mqtt.password_file")

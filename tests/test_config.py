@@ -53,10 +53,29 @@ def test_config_file_values_and_relative_paths(tmp_path: Path) -> None:
         pytest.param({"camera": {"path": "nowhere"}}, "camera.path", id="no-camera-path"),
         pytest.param({"logging": {"levels": {"edge": "LOUD"}}}, "logging.levels.edge", id="level"),
         pytest.param({"mqtt": []}, "mqtt", id="list-for-table"),
+        pytest.param({"mqtt": {"protocol": "4"}}, "mqtt.protocol", id="mqtt-protocol"),
+        pytest.param({"mqtt": {"max_inflight": 0}}, "mqtt.max_inflight", id="zero-inflight"),
+        pytest.param(
+            {"mqtt": {"reconnect_min_delay": 10.0, "reconnect_max_delay": 5.0}},
+            "mqtt.reconnect_min_delay",
+            id="backoff-min-over-max",
+        ),
+        pytest.param({"mqtt": {"ca_file": "no-ca.pem"}}, "mqtt.ca_file", id="no-ca-file"),
+        pytest.param({"mqtt": {"cert_file": "c.pem"}}, "mqtt.key_file", id="cert-without-key"),
+        pytest.param(
+            {"mqtt": {"password_file": "edge.toml"}}, "mqtt.password_file", id="no-username"
+        ),
+        pytest.param({"outbox": {"max_messages": 0}}, "outbox.max_messages", id="zero-cap"),
+        pytest.param({"outbox": {"ttl": -1}}, "outbox.ttl", id="negative-ttl"),
+        pytest.param({"outbox": {"drop_policy": "drop_all"}}, "outbox.drop_policy", id="policy"),
+        pytest.param({"outbox": {"path": ""}}, "outbox.path", id="empty-outbox-path"),
+        pytest.param({"tracker": {"min_iou": 1.5}}, "tracker.min_iou", id="iou-over-one"),
+        pytest.param({"tracker": {"gone_after": 0}}, "tracker.gone_after", id="zero-gone-after"),
     ],
 )
 def test_config_invalid_value_names_key(tmp_path: Path, data: dict[str, object], key: str) -> None:
     """Every invalid value is rejected with its dotted key path."""
+    (tmp_path / "edge.toml").write_text("")
     with pytest.raises(ConfigError) as caught:
         parse_config(data, base_dir=tmp_path)
     assert caught.value.key == key
@@ -83,3 +102,35 @@ def test_config_is_frozen() -> None:
     config = Config()
     with pytest.raises(AttributeError):
         config.mqtt.port = 1  # type: ignore[misc]
+
+
+def test_config_mqtt_and_outbox_values(tmp_path: Path) -> None:
+    """TLS, authentication and outbox keys load, with paths resolved against the file."""
+    (tmp_path / "ca.pem").write_text("")
+    (tmp_path / "password").write_text("")
+    (tmp_path / "model.onnx").write_text("")
+    path = tmp_path / "edge.toml"
+    path.write_text(
+        '[detector]\nmodel = "model.onnx"\n'
+        '[mqtt]\nprotocol = "5"\nca_file = "ca.pem"\nusername = "edge"\n'
+        'password_file = "password"\nmax_inflight = 5\n'
+        '[outbox]\npath = "state/outbox.sqlite3"\nmax_messages = 10\nttl = 60\n'
+        'drop_policy = "drop_newest"\n'
+    )
+    config = load_config(path)
+    assert config.mqtt.protocol == "5"
+    assert config.mqtt.ca_file == tmp_path / "ca.pem"
+    assert config.mqtt.password_file == tmp_path / "password"
+    assert config.outbox.path == tmp_path / "state" / "outbox.sqlite3"
+    assert config.outbox.drop_policy == "drop_newest"
+    assert config.outbox.ttl == 60.0
+
+
+def test_config_outbox_defaults() -> None:
+    """By default the outbox has a cap, a time-to-live of a week and drops the oldest."""
+    config = Config()
+    assert config.outbox.path is None
+    assert config.outbox.max_messages == 50_000
+    assert config.outbox.ttl == 7 * 24 * 3600.0
+    assert config.outbox.drop_policy == "drop_oldest"
+    assert config.mqtt.protocol == "3.1.1"
