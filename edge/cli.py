@@ -6,17 +6,21 @@ import argparse
 import asyncio
 import logging
 import sys
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from edge import __version__
-from edge.config import Config, load_config
-from edge.errors import EdgeError
+from edge.config import Config, load_config, parse_config
+from edge.errors import ConfigError, EdgeError
 
 logger = logging.getLogger("edge.cli")
 
 #: Third-party loggers that are chatty at INFO.
 _QUIET_LOGGERS = ("paho", "onnxruntime", "RapidOCR", "rapidocr_onnxruntime")
+#: Upper bound on the errors ``edge check-config`` reports for one file.
+_MAX_CONFIG_ERRORS = 100
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,18 +60,91 @@ def configure_logging(config: Config | None, verbose: bool = False) -> None:
             logging.getLogger(name).setLevel(level.upper())
 
 
+def collect_config_errors(path: Path) -> list[ConfigError]:
+    """Validate a configuration file and return every error found, each with its key path.
+
+    :func:`~edge.config.load_config` stops at the first error. To find the next one, the
+    offending key is removed, so its default applies, and the file is validated again. A key
+    that still fails with its default ends the search, because the errors after it could
+    follow from that default rather than from the file.
+
+    Returns:
+        The errors in the order found; empty when the file is valid. A file that is missing,
+        unreadable or not TOML gives one error without a key.
+    """
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        if exc.key is None:
+            return [exc]
+        first = exc
+    else:
+        return []
+
+    data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    base_dir = path.resolve().parent
+    errors = [first]
+    key: str | None = first.key
+    while key is not None and _remove_key(data, key) and len(errors) < _MAX_CONFIG_ERRORS:
+        try:
+            parse_config(data, base_dir=base_dir)
+        except ConfigError as exc:
+            if exc.key in {e.key for e in errors}:
+                break
+            errors.append(exc)
+            key = exc.key
+        else:
+            break
+    return errors
+
+
+def _remove_key(data: dict[str, Any], key: str) -> bool:
+    """Delete the value at a dotted key path; return whether it was found.
+
+    Table keys may contain dots themselves (``logging.levels."edge.pipeline"``), so at each
+    level the longest key that prefixes the rest of the path is taken.
+    """
+    node: Any = data
+    rest = key
+    while isinstance(node, dict):
+        if rest in node:
+            del node[rest]
+            return True
+        heads = [k for k in node if rest.startswith(f"{k}.")]
+        if not heads:
+            return False
+        head = max(heads, key=len)
+        node = node[head]
+        rest = rest[len(head) + 1 :]
+    return False
+
+
+def check_config(path: Path) -> int:
+    """Print every error of a configuration file with its key path; return 0 if valid, else 1."""
+    errors = collect_config_errors(path)
+    if not errors:
+        print(f"{path}: OK")
+        return 0
+    for error in errors:
+        print(f"edge: {path}: {error}", file=sys.stderr)
+    print(
+        f"edge: {path}: {len(errors)} error(s); fix them and run check-config again",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return the exit status."""
     args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        return check_config(args.config)
     try:
         config = load_config(args.config)
     except EdgeError as exc:
         print(f"edge: {exc}", file=sys.stderr)
-        return 2 if args.command != "check-config" else 1
+        return 2
     configure_logging(config)
-    if args.command == "check-config":
-        print(f"{args.config}: OK")
-        return 0
     try:
         if args.command == "scan":
             from edge.scan import scan

@@ -1,4 +1,4 @@
-"""Tests for the systemd unit and sysusers file in systemd/.
+"""Tests for the systemd unit and sysusers file in systemd/, and edge check-config.
 
 The static checks run everywhere. The checks with systemd-analyze and systemd-sysusers run
 where those programs exist and are skipped elsewhere; none of them needs systemd as PID 1.
@@ -12,6 +12,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from edge import cli
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "edge.service"
@@ -175,3 +177,84 @@ def test_sysusers_creates_edge_in_video(tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stderr
     assert re.search(r"^edge:x:\d+:\d+:Edge vision daemon:/var/lib/edge:", passwd, re.M)
     assert "video:x:44:edge" in groups
+
+
+# ExecStartPre runs "edge check-config", so its exit status and messages are tested here.
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    """Write ``text`` plus a [detector] table naming a model file that exists."""
+    model = tmp_path / "detector.onnx"
+    model.write_bytes(b"onnx")
+    path = tmp_path / "edge.toml"
+    path.write_text(f'{text}\n[detector]\nmodel = "{model}"\n')
+    return path
+
+
+def test_check_config_valid_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A valid file exits 0 and prints OK."""
+    path = write_config(tmp_path, "[mqtt]\nport = 1884\n")
+
+    assert cli.main(["check-config", str(path)]) == 0
+    assert capsys.readouterr().out == f"{path}: OK\n"
+
+
+def test_check_config_reports_every_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every invalid and unknown key is printed with its key path, and the exit status is 1."""
+    path = write_config(
+        tmp_path,
+        'colour = "red"\n'
+        "[mqtt]\nport = 0\nbogus = 1\nkeepalive = 'x'\n"
+        "[pipeline]\nconcurrency = 0\n"
+        '[logging.levels]\n"edge.pipeline" = "LOUD"\n',
+    )
+    status = cli.main(["check-config", str(path)])
+    stderr = capsys.readouterr().err
+
+    assert status == 1
+    for key in (
+        "colour",
+        "mqtt.port",
+        "mqtt.bogus",
+        "mqtt.keepalive",
+        "pipeline.concurrency",
+        "logging.levels.edge.pipeline",
+    ):
+        assert f"{path}: {key}: " in stderr
+    assert "6 error(s)" in stderr
+
+
+def test_check_config_cross_field_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A rule that still fails with the default is reported once, with the type errors."""
+    path = write_config(
+        tmp_path, "[pipeline]\nop_timeout = 20.0\nframe_deadline = 3.0\nconcurrency = 'two'\n"
+    )
+    status = cli.main(["check-config", str(path)])
+    lines = capsys.readouterr().err.splitlines()
+
+    assert status == 1
+    assert len([line for line in lines if ": pipeline.op_timeout: " in line]) == 1
+    assert len([line for line in lines if ": pipeline.concurrency: " in line]) == 1
+
+
+def test_check_config_missing_file_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing file exits 1 saying it was not found."""
+    path = tmp_path / "absent.toml"
+
+    assert cli.main(["check-config", str(path)]) == 1
+    assert f"configuration file not found: {path}" in capsys.readouterr().err
+
+
+def test_check_config_invalid_toml_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file that is not TOML exits 1 saying so."""
+    path = tmp_path / "edge.toml"
+    path.write_text("[mqtt\n")
+
+    assert cli.main(["check-config", str(path)]) == 1
+    assert "invalid TOML" in capsys.readouterr().err
