@@ -3,25 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from edge import __version__
 from edge.camera.base import Camera
 from edge.camera.factory import create_camera
-from edge.config import SAMPLES_DIR, Config
+from edge.config import SAMPLES_DIR, Config, OutboxConfig
+from edge.discovery import LAST_CODE, LAST_TEXT, TAG, discovery_sender
 from edge.errors import SourceExhausted
 from edge.factory import build_pipeline
+from edge.mqtt_stats import StatsCollector
 from edge.pipeline import Pipeline
 from edge.publisher import MqttPublisher
 from edge.results import FrameResult, RegionStatus
+from edge.tracker import FIRST_SEEN, Tracker
 
 logger = logging.getLogger(__name__)
 
-#: Seconds the publisher gets at exit to deliver what is still in flight.
-PUBLISH_GRACE = 5.0
+#: File name of the outbox inside the state directory.
+OUTBOX_FILE = "outbox.sqlite3"
 #: Seconds to wait at start for a first broker connection before frames flow anyway.
 CONNECT_WAIT = 2.0
 
@@ -70,11 +78,11 @@ async def run_service(
     camera = camera_from_config(config)
     pipeline = await asyncio.to_thread(build_pipeline, config)
     logger.info("pipeline ready")
-    publisher = MqttPublisher(config.mqtt, config.device.id) if config.mqtt.enabled else None
+    publisher = _publisher_from_config(config) if config.mqtt.enabled else None
     summary = RunSummary()
     try:
         if publisher is not None:
-            publisher.start()
+            await publisher.start()
             if not await publisher.wait_connected(CONNECT_WAIT):
                 logger.warning(
                     "MQTT broker %s not reachable yet; results are queued until it is",
@@ -97,7 +105,7 @@ async def run_service(
         await pipeline.aclose()
         logger.info("pipeline stopped")
         if publisher is not None:
-            await publisher.stop(PUBLISH_GRACE)
+            await publisher.stop()
     logger.info(
         "processed %d frames: %d regions (%s), %d codes, %d text lines",
         summary.frames,
@@ -107,6 +115,39 @@ async def run_service(
         summary.lines,
     )
     return summary
+
+
+def outbox_path(config: OutboxConfig, environ: Mapping[str, str] | None = None) -> Path:
+    """Return the outbox file: in ``$STATE_DIRECTORY`` under systemd, else ``outbox.path``.
+
+    Without either, the per-user default is ``$XDG_STATE_HOME/edge/outbox.sqlite3``, with
+    ``XDG_STATE_HOME`` defaulting to ``~/.local/state``.
+    """
+    env = os.environ if environ is None else environ
+    # systemd separates several StateDirectory= entries with colons; the first is ours.
+    state_directory = env.get("STATE_DIRECTORY", "").split(":")[0]
+    if state_directory:
+        return Path(state_directory) / OUTBOX_FILE
+    if config.path is not None:
+        return config.path
+    state_home = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state_home) / "edge" / OUTBOX_FILE
+
+
+def _publisher_from_config(config: Config) -> MqttPublisher:
+    mqtt = config.mqtt
+    discovery = (
+        discovery_sender(mqtt.discovery_prefix, mqtt.topic_prefix, config.device.id)
+        if mqtt.discovery
+        else None
+    )
+    return MqttPublisher(
+        mqtt,
+        config.device.id,
+        outbox_path(config.outbox),
+        config.outbox,
+        discovery=discovery,
+    )
 
 
 def camera_from_config(config: Config) -> Camera:
@@ -141,6 +182,7 @@ class _FrameLoop:
         stdout: bool,
     ) -> None:
         self._device_id = config.device.id
+        self._config = config
         self._camera = camera
         self._pipeline = pipeline
         self._publisher = publisher
@@ -148,10 +190,15 @@ class _FrameLoop:
         self._max_frames = max_frames
         self._stdout = stdout
         self._stop_signal: int | None = None
+        self._tracker = (
+            Tracker(config.tracker, config.device.id) if config.tracker.enabled else None
+        )
+        self._stats = StatsCollector(config.device.id)
 
     async def run_until_stopped(self) -> None:
         """Run the loop; SIGTERM or SIGINT cancels it and this returns normally."""
         task = asyncio.create_task(self._run(), name="edge.frames")
+        stats_task = asyncio.create_task(self._send_stats(), name="edge.stats")
         loop = asyncio.get_running_loop()
         signals = (signal.SIGTERM, signal.SIGINT)
         for signum in signals:
@@ -166,6 +213,10 @@ class _FrameLoop:
         finally:
             for signum in signals:
                 loop.remove_signal_handler(signum)
+            stats_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stats_task
+        await self._finish_tracks()
 
     def _request_stop(self, task: asyncio.Task[None], signum: int) -> None:
         logger.info("received %s, stopping", signal.Signals(signum).name)
@@ -187,8 +238,44 @@ class _FrameLoop:
                 len(result.regions),
                 result.timings_ms["total"],
             )
+            self._stats.add(result)
             if self._publisher is not None:
-                self._publisher.publish_frame(result)
+                await self._publisher.publish_frame(result)
+                if self._tracker is not None:
+                    await self._publish_events(self._tracker.update(result))
             if self._stdout:
                 sys.stdout.write(result.to_json(self._device_id) + "\n")
                 sys.stdout.flush()
+
+    async def _publish_events(self, events: list[dict[str, Any]]) -> None:
+        publisher = self._publisher
+        assert publisher is not None
+        for event in events:
+            await publisher.publish_event(event)
+            if event["event"] != FIRST_SEEN or not self._config.mqtt.discovery:
+                continue
+            state = {
+                "value": event["value"],
+                "class": event["class"],
+                "format": event["format"],
+                "seen_at": event["frame"]["captured_at"],
+            }
+            await publisher.publish_state(
+                LAST_TEXT if event["format"] is None else LAST_CODE, state
+            )
+            if event["format"] == "QRCODE":
+                publisher.publish_nowait(TAG, {"value": event["value"]})
+
+    async def _finish_tracks(self) -> None:
+        if self._tracker is not None and self._publisher is not None:
+            await self._publish_events(self._tracker.finish())
+
+    async def _send_stats(self) -> None:
+        interval = self._config.mqtt.stats_interval
+        if self._publisher is None or interval <= 0:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            payload = self._stats.payload(self._camera.dropped, self._publisher.stats())
+            if not self._publisher.publish_stats_nowait(payload):
+                logger.debug("stats not sent: not connected to the MQTT broker")

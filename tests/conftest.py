@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import re
@@ -100,3 +101,79 @@ def manifest() -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_state(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Point the default outbox of every test, and of the daemons it starts, to a fresh folder.
+
+    Without this, `edge run` in a test would share ~/.local/state/edge/outbox.sqlite3 with
+    other test runs and with a daemon of the same user.
+    """
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+    for name in ("STATE_DIRECTORY", "CREDENTIALS_DIRECTORY", "EDGE_MQTT_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+
+
+class BrokerProcess:
+    """A mosquitto of one test that can be stopped and started again on the same port.
+
+    Persistence is on, so that messages queued for a subscriber's persistent session survive
+    a restart, as they would on a production broker.
+
+    Args:
+        workdir: Folder for the configuration, the persistence file and the log.
+        extra_conf: Lines added to the configuration (listeners with TLS, password file).
+        port: Loopback port; a free one when ``None``.
+    """
+
+    def __init__(self, workdir: Path, *, extra_conf: str | None = None, port: int | None = None):
+        self.workdir = workdir
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.conf = workdir / "mosquitto.conf"
+        self.log = workdir / "mosquitto.log"
+        listener = f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+        self.conf.write_text(
+            # mosquitto started as root switches to user "mosquitto" unless told otherwise,
+            # and that user cannot write the persistence file into the test's folder.
+            f"user {getpass.getuser()}\n"
+            "persistence true\n"
+            f"persistence_location {workdir}/\n"
+            "log_dest stderr\nlog_type error\nlog_type warning\n"
+            "max_queued_messages 0\n" + (extra_conf if extra_conf is not None else listener)
+        )
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        """Whether the broker process is alive."""
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> None:
+        """Start mosquitto and wait until it accepts connections."""
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        with self.log.open("ab") as log:
+            self._process = subprocess.Popen([binary, "-c", str(self.conf)], stderr=log)
+        _wait_for_port(self.host, self.port, 20)
+
+    def stop(self) -> None:
+        """Stop mosquitto with SIGTERM (it saves its persistence file) and wait for the exit."""
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(20)
+            self._process = None
+
+
+@pytest.fixture
+def broker_process(tmp_path: Path) -> Iterator[BrokerProcess]:
+    """A stopped :class:`BrokerProcess` of this test; stopped again at the end if running."""
+    folder = tmp_path / "broker"
+    folder.mkdir()
+    process = BrokerProcess(folder)
+    try:
+        yield process
+    finally:
+        process.stop()

@@ -99,6 +99,8 @@ class Recorder:
         """Disconnect and stop the network thread."""
         self._client.disconnect()
         self._client.loop_stop()
+        # paho 2.2 closes the socket pair of loop_start() only in Client.__del__.
+        self._client._reset_sockets()
 
 
 def synthetic_result(seq: int, *, captured_at: float | None = None) -> FrameResult:
