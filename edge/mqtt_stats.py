@@ -85,6 +85,7 @@ class StatsCollector:
                 "replayed": publisher.replayed,
                 "dropped_full": publisher.dropped_full,
                 "dropped_expired": publisher.dropped_expired,
+                "store_failed": publisher.store_failed,
             }
             data["mqtt"] = {
                 "connected": publisher.connected,

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sqlite3
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ class PublisherStats:
         inflight: Messages sent and not yet acknowledged.
         dropped_full: Messages dropped because the outbox reached its cap.
         dropped_expired: Messages deleted because they outlived the outbox time-to-live.
+        store_failed: Messages lost because the outbox could not store them (disk errors).
         connected: Whether a connection is up now.
         connects: Successful connections.
         reconnects: Successful connections after the first one.
@@ -76,6 +78,7 @@ class PublisherStats:
     inflight: int
     dropped_full: int
     dropped_expired: int
+    store_failed: int
     connected: bool
     connects: int
     reconnects: int
@@ -145,6 +148,7 @@ class MqttPublisher:
         self._stopping = False
         self._replayed = 0
         self._connects = 0
+        self._store_failed = 0
 
     @property
     def endpoint(self) -> str:
@@ -168,6 +172,7 @@ class MqttPublisher:
             inflight=len(conn.inflight) if conn is not None else 0,
             dropped_full=box.dropped_full,
             dropped_expired=box.dropped_expired,
+            store_failed=self._store_failed,
             connected=self.connected,
             connects=self._connects,
             reconnects=max(0, self._connects - 1),
@@ -235,7 +240,18 @@ class MqttPublisher:
         if self._outbox is None:
             msg = "publisher not started; call start() first"
             raise PublishError(msg)
-        await self._outbox.put(topic, payload.encode("utf-8"), retain=retain)
+        try:
+            await self._outbox.put(topic, payload.encode("utf-8"), retain=retain)
+        except sqlite3.Error as exc:
+            # Raising would stop the camera loop; dropping one message keeps the rest flowing.
+            self._store_failed += 1
+            logger.error(
+                "storing a message for %s in the outbox %s failed, message lost: %s",
+                topic,
+                self._outbox_path,
+                exc,
+            )
+            return
         self._wakeup.set()
 
     async def wait_connected(self, seconds: float) -> bool:
@@ -314,7 +330,7 @@ class MqttPublisher:
                 )
                 attempt += 1
                 logger.warning(
-                    "cannot connect to MQTT broker %s: %s; retrying in %.1f s",
+                    "connecting to MQTT broker %s failed: %s; retrying in %.1f s",
                     self.endpoint,
                     exc,
                     delay,
@@ -322,13 +338,20 @@ class MqttPublisher:
                 await asyncio.sleep(delay)
                 continue
             attempt = 0
+            failed = False
             try:
                 await self._serve(conn)
+            except Exception:
+                # An outbox error (a failing disk) ends this connection, not publishing for good.
+                failed = True
+                logger.exception("sending to MQTT broker %s failed; reconnecting", self.endpoint)
             finally:
                 self._connected.clear()
                 self._conn = None
                 await _discard(conn.client)
-            if not self._stopping:
+            if failed:
+                await asyncio.sleep(self._config.reconnect_max_delay)
+            elif not self._stopping:
                 logger.warning("lost connection to MQTT broker %s; reconnecting", self.endpoint)
 
     async def _connect(self) -> _Connection:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import shutil
+import sqlite3
 import ssl
 import subprocess
 from collections.abc import AsyncIterator
@@ -14,7 +15,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import Broker, BrokerProcess
+from conftest import Broker, BrokerProcess, free_port
 from mqtt_helpers import Recorder, synthetic_result, tally
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -332,3 +333,23 @@ def test_outbox_path_defaults_per_user() -> None:
     """Without either, the outbox is in XDG_STATE_HOME/edge."""
     path = outbox_path(OutboxConfig(), {"XDG_STATE_HOME": "/home/pi/.state"})
     assert path == Path("/home/pi/.state/edge/outbox.sqlite3")
+
+
+async def test_publisher_store_error_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A disk error while storing loses that message only: counted, logged, no exception."""
+    config = MqttConfig(host="127.0.0.1", port=free_port())
+    publisher = MqttPublisher(config, "pi", tmp_path / "o.db")
+    await publisher.start()
+    assert publisher._outbox is not None
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(publisher._outbox.outbox, "put", fail)
+    await publisher.publish_frame(synthetic_result(0))
+    stats = publisher.stats()
+    await publisher.stop(grace=0)
+    assert stats.store_failed == 1
+    assert "disk I/O error" in caplog.text
