@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -159,9 +160,20 @@ class BrokerProcess:
             self._process = subprocess.Popen([binary, "-c", str(self.conf)], stderr=log)
         _wait_for_port(self.host, self.port, 20)
 
+    def pause(self) -> None:
+        """Freeze mosquitto with SIGSTOP: connections stay open, nothing is acknowledged."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused mosquitto run again with SIGCONT."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         """Stop mosquitto with SIGTERM (it saves its persistence file) and wait for the exit."""
         if self._process is not None:
+            self._process.send_signal(signal.SIGCONT)
             self._process.terminate()
             self._process.wait(20)
             self._process = None

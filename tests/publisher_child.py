@@ -2,8 +2,9 @@
 
 Usage: publisher_child.py PORT OUTBOX TOPIC_PREFIX COUNT
 
-Prints ``stored N`` once N results are committed to the outbox, then keeps the publisher
-running until it is killed.
+Prints ``ready`` once connected or after 2 s without a broker, then waits for a line on
+standard input. Prints ``stored N`` once N results are committed to the outbox, then keeps
+the publisher running until it is killed.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ async def _main(port: int, outbox: Path, prefix: str, count: int) -> None:
     )
     publisher = MqttPublisher(config, "kill-pi", outbox)
     await publisher.start()
+    await publisher.wait_connected(2.0)
+    print("ready", flush=True)
+    await asyncio.to_thread(sys.stdin.readline)
     for seq in range(count):
         await publisher.publish_frame(synthetic_result(seq))
     print(f"stored {count}", flush=True)

@@ -184,21 +184,33 @@ def _start_child(port: int, outbox: Path, prefix: str, count: int) -> subprocess
             str(REPO / "tests" / "publisher_child.py"),
             *(str(port), str(outbox), prefix, str(count)),
         ],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
         cwd=REPO,
     )
     assert child.stdout is not None
     line = child.stdout.readline()
-    assert line.strip() == f"stored {count}", line
+    assert line.strip() == "ready", line
     return child
+
+
+def _store_in_child(child: subprocess.Popen[str], count: int) -> None:
+    assert child.stdin is not None
+    assert child.stdout is not None
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    line = child.stdout.readline()
+    assert line.strip() == f"stored {count}", line
 
 
 def _kill(child: subprocess.Popen[str]) -> None:
     child.kill()
     child.wait(30)
     assert child.stdout is not None
+    assert child.stdin is not None
     child.stdout.close()
+    child.stdin.close()
 
 
 async def test_delivery_after_sigkill_with_broker_down(
@@ -211,6 +223,7 @@ async def test_delivery_after_sigkill_with_broker_down(
     outbox = tmp_path / "o.db"
     sent = 300
     child = await asyncio.to_thread(_start_child, broker_process.port, outbox, topic_prefix, sent)
+    await asyncio.to_thread(_store_in_child, child, sent)
     await asyncio.to_thread(_kill, child)
 
     await asyncio.to_thread(broker_process.start)
@@ -235,13 +248,20 @@ async def test_delivery_after_sigkill_while_sending(
     topic_prefix: str,
     recorder_factory: list[Recorder],
 ) -> None:
-    """SIGKILL while results are in flight: the next daemon sends the rest, copies marked."""
+    """SIGKILL with results in flight and queued: the next daemon sends them, copies marked."""
     await asyncio.to_thread(broker_process.start)
     recorder = await _record(broker_process, topic_prefix, recorder_factory)
     outbox = tmp_path / "o.db"
-    sent = 2000
+    sent = 1000
     child = await asyncio.to_thread(_start_child, broker_process.port, outbox, topic_prefix, sent)
-    await asyncio.to_thread(_kill, child)
+    # A frozen broker keeps the connection open but acknowledges nothing, so the child dies
+    # with a full in-flight window whose messages the broker may or may not have read.
+    broker_process.pause()
+    try:
+        await asyncio.to_thread(_store_in_child, child, sent)
+        await asyncio.to_thread(_kill, child)
+    finally:
+        broker_process.resume()
     before_restart = len(recorder.on("/frames"))
 
     def will_sent() -> bool:
