@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 
 import pytest
 from waitgroup_helpers import EARLY, Gate, check_invariants, spin, yield_turns
@@ -135,3 +137,28 @@ async def test_thread_op_cancelled_before_start_never_runs() -> None:
     assert handle.result is not None
     assert not handle.result.abandoned
     assert wg.stats().abandoned_in_flight == 0
+
+
+async def test_finished_op_releases_arguments() -> None:
+    """A finished op drops its arguments, so a kept result does not pin large inputs."""
+
+    class Crop:
+        pass
+
+    async def read(crop: Crop) -> str:
+        await asyncio.sleep(0)
+        return "text"
+
+    wg = WaitGroup()
+    crop = Crop()
+    crop_ref = weakref.ref(crop)
+    await wg.go(read, crop)
+    await wg.go(lambda item: None, crop, kind="thread")
+    del crop
+    await wg.wait()
+    await yield_turns()
+    gc.collect()
+
+    assert crop_ref() is None
+    assert [result.value for result in wg.results] == ["text", None]
+    await wg.aclose()

@@ -421,10 +421,10 @@ class GroupCore:
         if runner is None:
             return
         for op in list(self._queued.values()):
-            error = self._deadline_error() if reason == "deadline" else None
-            runner.finalize(op, Outcome.REJECTED, error=error, reason=reason)
             submitter = op.submitter
             assert submitter is not None
+            error = self._deadline_error() if reason == "deadline" else None
+            runner.finalize(op, Outcome.REJECTED, error=error, reason=reason)
             if reason != "deadline" and submitter is self._parent and self._body_running:
                 self._parent_rejected = True
             submitter.cancel(f"WaitGroup {self._name!r} rejected queued op {op.name!r}")

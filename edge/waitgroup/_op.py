@@ -138,6 +138,19 @@ class Op(Generic[T]):
             )
         return self._result
 
+    def drop_work(self) -> None:
+        """Drop references to the function, its arguments and the task once the work ended.
+
+        A long-lived group keeps each op until ``take_results()``, and arguments
+        such as image crops should not stay in memory that long.
+        """
+        self.fn = _dropped
+        self.args = ()
+        self.on_cancel = None
+        self.task = None
+        self.work = None
+        self.submitter = None
+
     def wake_waiters(self) -> None:
         """Resolve the futures of callers awaiting the op's handle."""
         waiters = self.waiters
@@ -156,6 +169,11 @@ class Op(Generic[T]):
             raise self.error
         message = f"op {self.name!r} was {self.outcome.value if self.outcome else 'not run'}"
         raise asyncio.CancelledError(message)
+
+
+def _dropped(*args: object) -> None:
+    message = "the op has ended and its function was released"
+    raise RuntimeError(message)
 
 
 class OpHandle(Generic[T]):

@@ -200,11 +200,15 @@ class Runner:
             return
         op.slot_held = False
         self._release_slot()
-        if op.final and op.abandoned:
-            self._ledger.finish_abandoned(op)
-            logger.debug(
-                "abandoned op %r of WaitGroup %r stopped, slot released", op.name, self._group_name
-            )
+        if op.final:
+            op.drop_work()
+            if op.abandoned:
+                self._ledger.finish_abandoned(op)
+                logger.debug(
+                    "abandoned op %r of WaitGroup %r stopped, slot released",
+                    op.name,
+                    self._group_name,
+                )
 
     # --- outcomes -----------------------------------------------------------
 
@@ -261,6 +265,8 @@ class Runner:
         op.reason = reason
         op.ended_at = self._loop.time()
         op.abandoned = op.slot_held
+        if not op.slot_held:
+            op.drop_work()
         if outcome is Outcome.FAILED:
             # Before the counter drops, so that error-cancel acts within this epoch.
             self._on_failure(op)
