@@ -231,3 +231,49 @@ async def test_go_rejects_invalid_arguments() -> None:
 
     assert wg.stats().submitted == 0
     assert wg.stats().counter == 0
+
+
+async def test_limiter_hands_slot_to_oldest_waiter() -> None:
+    """Limiter.release() gives the slot to the oldest waiter, never to acquire_nowait()."""
+    limiter = Limiter(1)
+    assert limiter.acquire_nowait()
+    order: list[str] = []
+
+    async def take(tag: str) -> None:
+        await limiter.acquire()
+        order.append(tag)
+
+    first = asyncio.create_task(take("first"))
+    second = asyncio.create_task(take("second"))
+    await yield_turns()
+    assert limiter.waiting == 2
+
+    limiter.release()
+    assert not limiter.acquire_nowait()
+    await yield_turns()
+    assert order == ["first"]
+    limiter.release()
+    await asyncio.gather(first, second)
+
+    assert order == ["first", "second"]
+    limiter.release()
+    assert limiter.borrowed == 0
+    with pytest.raises(ValueError, match="released more often"):
+        limiter.release()
+
+
+async def test_limiter_cancelled_waiter_passes_slot_on() -> None:
+    """A waiter cancelled right after being granted a slot passes it to the next waiter."""
+    limiter = Limiter(1)
+    assert limiter.acquire_nowait()
+    cancelled = asyncio.create_task(limiter.acquire())
+    following = asyncio.create_task(limiter.acquire())
+    await yield_turns()
+
+    limiter.release()
+    cancelled.cancel()
+    await asyncio.wait_for(following, 1)
+
+    assert cancelled.cancelled()
+    assert limiter.borrowed == 1
+    assert limiter.waiting == 0
