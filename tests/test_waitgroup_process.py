@@ -15,6 +15,7 @@ from waitgroup_helpers import (
     process_id,
     remaining_budget,
     spin,
+    spin_ignoring_sigterm,
 )
 
 from edge.waitgroup import Outcome, WaitGroup, WorkerDied
@@ -57,6 +58,25 @@ async def test_process_timeout_kills_worker_and_respawns() -> None:
     check_invariants(wg.stats())
     await wg.aclose()
     assert wg.worker_pids() == []
+
+
+async def test_worker_ignoring_sigterm_gets_sigkill() -> None:
+    """A worker that ignores SIGTERM is killed with SIGKILL after kill_grace, then reaped."""
+    wg = WaitGroup(1, op_timeout=0.2, kill_grace=0.1)
+    await (await wg.go(process_id, kind="process"))
+
+    stubborn = await wg.go(spin_ignoring_sigterm, 5.0, kind="process")
+    await wg.wait()
+
+    result = stubborn.result
+    assert result is not None
+    assert result.outcome is Outcome.TIMED_OUT
+    assert result.killed
+    assert result.run_time is not None
+    assert 0.3 - EARLY <= result.run_time < 0.3 + SLACK
+    assert wg.worker_pids() == []
+    assert isinstance(await (await wg.go(process_id, kind="process")), int)
+    await wg.aclose()
 
 
 async def test_aborted_worker_fails_only_its_op() -> None:

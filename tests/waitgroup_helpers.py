@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import threading
 import time
 
@@ -95,6 +96,12 @@ def spin_until(event: threading.Event, seconds: float, poll: float) -> bool:
         if event.wait(poll):
             return True
     return False
+
+
+def spin_ignoring_sigterm(seconds: float) -> int:
+    """Ignore SIGTERM, as a hung native call would, then burn CPU for ``seconds``."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return spin(seconds)
 
 
 def process_id() -> int:

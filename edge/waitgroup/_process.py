@@ -54,6 +54,7 @@ class _Worker:
         self._ready: asyncio.Future[None] = loop.create_future()
         self._reply: asyncio.Future[tuple[str, Any]] | None = None
         self._exited: asyncio.Future[None] = loop.create_future()
+        self._killed = False
         self.exitcode: int | None = None
         loop.add_reader(self._conn.fileno(), self._on_readable)
         loop.add_reader(self._process.sentinel, self._on_exit)
@@ -62,6 +63,11 @@ class _Worker:
     def alive(self) -> bool:
         """True until the process has exited."""
         return not self._exited.done()
+
+    @property
+    def usable(self) -> bool:
+        """True while the worker can take another job: alive and never sent a kill signal."""
+        return self.alive and not self._killed
 
     def _on_readable(self) -> None:
         try:
@@ -117,7 +123,8 @@ class _Worker:
         if code is None:
             how = "an unknown status"
         elif code < 0:
-            how = f"signal {-code}" + (f" ({_signal_name(-code)})" if _signal_name(-code) else "")
+            name = _signal_name(-code)
+            how = f"signal {-code} ({name})" if name else f"signal {-code}"
         else:
             how = f"exit status {code}"
         message = f"worker process {self.pid} died with {how}"
@@ -130,6 +137,8 @@ class _Worker:
         (interpreter and imports) is not charged to the op's timeout.
         """
         try:
+            # NOTE: start-up has no timeout of its own. A worker that hangs while
+            # starting is ended only by the group deadline, cancel() or shutdown.
             await self._ready
         except asyncio.CancelledError:
             await self.kill()
@@ -165,6 +174,7 @@ class _Worker:
         """Terminate the worker, kill it after ``kill_grace`` seconds, and wait until reaped."""
         if not self.alive:
             return
+        self._killed = True
         self._process.terminate()
         try:
             await asyncio.wait_for(asyncio.shield(self._exited), self._kill_grace)
@@ -241,7 +251,7 @@ class WorkerPool:
                 raise RuntimeError(message)
             while self._idle:
                 worker = self._idle.pop()
-                if worker.alive:
+                if worker.usable:
                     self._busy.add(worker)
                     return worker
                 self._spawned -= 1
@@ -264,7 +274,7 @@ class WorkerPool:
 
     def _checkin(self, worker: _Worker) -> None:
         self._busy.discard(worker)
-        if worker.alive and not self._closed:
+        if worker.usable and not self._closed:
             self._idle.append(worker)
         else:
             self._spawned -= 1
