@@ -60,7 +60,7 @@ async def test_go_blocks_while_slots_full() -> None:
 
 
 async def test_queue_admits_in_fifo_order() -> None:
-    """Queued submitters A, B, C start in that order; try_go() never overtakes them."""
+    """Queued submitters A, B, C start in that order, and try_go() never overtakes them."""
     wg = WaitGroup(1)
     gates = {tag: Gate() for tag in ("blocker", "A", "B", "C")}
     started: list[str] = []

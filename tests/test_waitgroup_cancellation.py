@@ -12,7 +12,7 @@ from edge.waitgroup import Outcome, WaitGroup
 
 
 async def test_cancel_inside_body_exits_cleanly() -> None:
-    """cancel() in the body cancels ops, exits without error; go() afterwards raises."""
+    """cancel() in the body cancels ops and exits without error, and a later go() raises."""
     gate = Gate()
     late = Gate()
 
@@ -57,7 +57,7 @@ async def test_cancel_wakes_queued_body_without_error() -> None:
 
 
 async def test_cancel_before_block_is_allowed() -> None:
-    """cancel() before async with makes every go() in the block raise; exit is normal."""
+    """cancel() before async with makes every go() in the block raise, and exit is normal."""
     wg = WaitGroup()
     wg.cancel()
 
@@ -155,7 +155,7 @@ async def test_owner_cancellation_crosses_nested_task_group() -> None:
 
 
 async def test_handle_cancel_marks_op_cancelled() -> None:
-    """handle.cancel() ends a running op as CANCELLED; a second cancel() returns False."""
+    """handle.cancel() ends a running op as CANCELLED, and a second cancel() returns False."""
     gate = Gate()
     wg = WaitGroup()
     handle = await wg.go(gate.wait)

@@ -101,7 +101,7 @@ async def test_add_negative_releases_waiter() -> None:
 
 
 async def test_add_rejects_non_int_and_ignores_zero() -> None:
-    """add() raises TypeError for non-int deltas; add(0) changes nothing."""
+    """add() raises TypeError for non-int deltas, and add(0) changes nothing."""
     wg = WaitGroup()
 
     with pytest.raises(TypeError):
@@ -132,7 +132,7 @@ async def test_wait_blocks_again_in_second_batch() -> None:
 
 
 async def test_wait_returns_when_its_epoch_ends() -> None:
-    """done(); add(1) in one tick releases the blocked waiter, and a new wait() blocks."""
+    """done() then add(1) in one tick releases the blocked waiter, and a new wait() blocks."""
     wg = WaitGroup()
     wg.add(1)
     waiter = asyncio.create_task(wg.wait())
@@ -166,7 +166,7 @@ async def test_wait_releases_all_waiters() -> None:
 
 
 async def test_wait_timeout_leaves_op_running() -> None:
-    """wait(timeout=0.05) raises TimeoutError at ~50 ms; the op keeps running and completes."""
+    """wait(timeout=0.05) raises TimeoutError at ~50 ms while the op runs on to completion."""
     loop = asyncio.get_running_loop()
     wg = WaitGroup()
     handle = await wg.go(asyncio.sleep, 1.0)
@@ -204,7 +204,7 @@ async def test_wait_cancelled_cancels_only_the_waiter() -> None:
 
 
 async def test_done_from_plain_thread_raises() -> None:
-    """done() from a plain thread raises RuntimeError; done_threadsafe() lowers the counter."""
+    """done() from a plain thread raises RuntimeError, but done_threadsafe() lowers the counter."""
     wg = WaitGroup()
     wg.add(2)
     errors: list[BaseException] = []

@@ -117,7 +117,7 @@ async def test_cancel_mode_stops_siblings_on_first_failure() -> None:
 
 
 async def test_keyboard_interrupt_propagates_bare() -> None:
-    """An op raising KeyboardInterrupt cancels the others; the exit re-raises it bare."""
+    """An op raising KeyboardInterrupt cancels the others, and the exit re-raises it bare."""
     gate = Gate()
 
     async def interrupt() -> None:

@@ -32,7 +32,7 @@ async def test_process_ops_reuse_long_lived_workers() -> None:
 
 
 async def test_process_timeout_kills_worker_and_respawns() -> None:
-    """A process op over its timeout kills its worker (killed=True); the next op gets a new one."""
+    """A process op over its timeout kills its worker, and the next op gets a new worker."""
     wg = WaitGroup(1, op_timeout=0.2)
     first_pid = await (await wg.go(process_id, kind="process"))
     loop = asyncio.get_running_loop()
@@ -80,7 +80,7 @@ async def test_worker_ignoring_sigterm_gets_sigkill() -> None:
 
 
 async def test_aborted_worker_fails_only_its_op() -> None:
-    """A worker killed by SIGABRT fails its op with WorkerDied; the sibling worker is unaffected."""
+    """A worker killed by SIGABRT fails its op with WorkerDied and leaves its sibling alone."""
     async with WaitGroup(2) as wg:
         sibling = await wg.go(spin, 0.3, kind="process", name="sibling")
         crashed = await wg.go(abort_worker, kind="process", name="crashed")
@@ -101,7 +101,7 @@ async def test_aborted_worker_fails_only_its_op() -> None:
 
 
 async def test_process_error_and_context_cross_boundary() -> None:
-    """A worker's exception reaches the parent with its traceback; current_op() works inside."""
+    """A worker's exception reaches the parent with its traceback, and current_op() works."""
     async with WaitGroup(1, op_timeout=2.0) as wg:
         failing = await wg.go(fail_with, "bad crop", kind="process")
         budget = await wg.go(remaining_budget, kind="process", name="budget")
@@ -134,7 +134,7 @@ async def test_forkserver_workers_run_ops() -> None:
 
 
 async def test_cancelled_process_op_kills_worker() -> None:
-    """cancel() kills the worker of a running process op; its outcome is CANCELLED, killed."""
+    """cancel() kills the worker of a running process op, whose outcome is CANCELLED."""
     async with WaitGroup(1) as wg:
         await (await wg.go(process_id, kind="process"))
         handle = await wg.go(spin, 5.0, kind="process")

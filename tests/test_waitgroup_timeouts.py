@@ -14,7 +14,7 @@ from edge.waitgroup import DeadlineExceeded, Outcome, WaitGroup, current_op
 
 
 async def test_async_timeout_runs_finally_and_spares_siblings() -> None:
-    """An async op over op_timeout ends TIMED_OUT at ~0.1 s after its finally; siblings succeed."""
+    """An async op over op_timeout ends TIMED_OUT at ~0.1 s after its finally, siblings succeed."""
     loop = asyncio.get_running_loop()
     cleaned_up = asyncio.Event()
 
@@ -90,7 +90,7 @@ async def test_thread_timeout_keeps_slot_until_return(caplog: pytest.LogCaptureF
 
 
 async def test_thread_on_cancel_stops_worker_promptly() -> None:
-    """on_cancel sets an Event the thread polls; the op ends TIMED_OUT, not abandoned."""
+    """on_cancel sets an Event the thread polls, so the op ends TIMED_OUT, not abandoned."""
     loop = asyncio.get_running_loop()
     stop = threading.Event()
     wg = WaitGroup(1, op_timeout=0.1)
@@ -114,7 +114,7 @@ async def test_thread_on_cancel_stops_worker_promptly() -> None:
 
 
 async def test_timed_out_op_stays_timed_out() -> None:
-    """Ops that finish after their timeout keep TIMED_OUT; succeeded + timed_out == started."""
+    """Ops that finish after their timeout stay TIMED_OUT, so succeeded + timed_out == started."""
     stop = asyncio.Event()
 
     async def stubborn() -> str:

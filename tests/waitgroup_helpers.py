@@ -42,7 +42,7 @@ class Concurrency:
         self.start_times: list[float] = []
 
     async def run(self, seconds: float, tag: str = "") -> str:
-        """Sleep for ``seconds`` while counted as running; return ``tag``."""
+        """Sleep for ``seconds`` while counted as running, then return ``tag``."""
         self.current += 1
         self.peak = max(self.peak, self.current)
         self.started.append(tag)
@@ -62,7 +62,7 @@ class Gate:
         self.event = asyncio.Event()
 
     async def wait(self, tag: str = "") -> str:
-        """Block until ``open()``; return ``tag``."""
+        """Block until ``open()``, then return ``tag``."""
         self.calls += 1
         await self.event.wait()
         return tag

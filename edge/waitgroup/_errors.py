@@ -35,7 +35,7 @@ class WorkerDied(EdgeError):
 
     The worker died on its own: it crashed, was killed by a signal it did not expect,
     or called ``os._exit``. A worker that the group kills at a timeout does not raise
-    this; that op ends TIMED_OUT with ``killed=True``.
+    this. That op ends TIMED_OUT with ``killed=True``.
 
     Attributes:
         pid: Process id of the worker.

@@ -220,7 +220,7 @@ class WaitGroup(GroupCore):
         self._shutdown("shutdown")
 
     def cancel_threadsafe(self, msg: str | None = None) -> None:
-        """Schedule ``cancel()`` on the group's loop; callable from any thread.
+        """Schedule ``cancel()`` on the group's loop. Callable from any thread.
 
         Raises:
             RuntimeError: The group's loop is closed.
@@ -292,7 +292,7 @@ class WaitGroup(GroupCore):
     def _exit_outcome(
         self, exc: BaseException | None, *, own_cancel: bool, external_cancel: bool
     ) -> bool:
-        """Raise what the exit must raise; return True to swallow the body's exception."""
+        """Raise what the exit must raise, or return True to swallow the body's exception."""
         if self._base_error is not None:
             if self._base_error is exc:
                 return False

@@ -150,7 +150,7 @@ class Ledger:
             self._ops.append(op)
 
     def reject_unqueued(self, op: Op[Any]) -> None:
-        """Count an op refused at once by ``try_go()``; the counter never rose for it."""
+        """Count an op that ``try_go()`` rejected at once. The counter never rose for it."""
         with self._lock:
             op.epoch = self.epoch.number if self.epoch is not None else self.epoch_number
             self.submitted += 1
@@ -231,7 +231,7 @@ class Ledger:
         return list(self._abandoned.values())
 
     def snapshot(self) -> Stats:
-        """Return a consistent copy of the counters; safe to call from any thread."""
+        """Return a consistent copy of the counters. Safe to call from any thread."""
         with self._lock:
             outcomes = self._outcomes
             return Stats(

@@ -13,7 +13,7 @@ T = TypeVar("T")
 
 
 class Op(Generic[T]):
-    """Mutable state of one op while the group runs it; frozen into an ``OpResult`` at the end.
+    """Mutable state of one op while the group runs it, frozen into an ``OpResult`` at the end.
 
     Only the event loop thread writes these fields, except ``deadline``, which the
     worker thread of a thread op sets once before it calls the function.
@@ -102,7 +102,7 @@ class Op(Generic[T]):
         self.grace_timer: asyncio.TimerHandle | None = None
         self.submitter: asyncio.Task[Any] | None = None
         self.waiters: list[asyncio.Future[None]] | None = None
-        # Pool future of a thread op; done once the thread has returned.
+        # Pool future of a thread op, done once the thread has returned.
         self.work: concurrent.futures.Future[T] | None = None
         self._result: OpResult[T] | None = None
 
@@ -162,7 +162,7 @@ class Op(Generic[T]):
                 waiter.set_result(None)
 
     def unwrap(self) -> T:
-        """Return the op's value or raise its error; ``CancelledError`` if it has none."""
+        """Return the op's value or raise its error, or ``CancelledError`` if it has none."""
         if self.outcome is Outcome.SUCCEEDED:
             return self.value  # type: ignore[return-value]
         if self.error is not None:
@@ -210,7 +210,7 @@ class OpHandle(Generic[T]):
         return self._op.final
 
     def cancel(self, msg: str | None = None) -> bool:
-        """Cancel the op (outcome CANCELLED); return False if its outcome was already final.
+        """Cancel the op (outcome CANCELLED). Return False if its outcome was already final.
 
         Must run on the group's event loop thread. A thread op keeps its slot until
         the thread returns, and a process op's worker is killed.

@@ -17,7 +17,7 @@ OnError = Literal["collect", "cancel"]
 
 
 def check_seconds(value: object, what: str) -> float:
-    """Return ``value`` as float seconds; raise TypeError or ValueError unless positive."""
+    """Return ``value`` as float seconds, or raise TypeError or ValueError unless positive."""
     if not isinstance(value, int | float) or isinstance(value, bool):
         message = f"{what} must be a number of seconds, got {value!r}"
         raise TypeError(message)

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 StartMethod = Literal["spawn", "forkserver"]
 
 # After the sentinel is readable the worker has exited, so reaping it takes
-# microseconds; the bound only guards against a broken platform.
+# microseconds. The bound only guards against a broken platform.
 _REAP_TIMEOUT = 1.0
 # SIGKILL cannot be caught, but a process stuck in the kernel (uninterruptible
 # sleep) can take a while to exit. After this many seconds the worker is logged
@@ -73,7 +73,7 @@ class _Worker:
         try:
             message = self._conn.recv()
         except (EOFError, OSError):
-            # The worker closed its end; _on_exit reports the exit once the
+            # The worker closed its end, and _on_exit reports the exit once the
             # sentinel fires.
             self._close_conn()
             return
@@ -131,7 +131,7 @@ class _Worker:
         return WorkerDied(message, pid=self.pid, exitcode=code)
 
     async def call(self, op: Op[Any], arm: Callable[[Op[Any], float], None]) -> Any:
-        """Run ``op`` in this worker and return its value; kill the worker if cancelled.
+        """Run ``op`` in this worker and return its value. Kill the worker if cancelled.
 
         The op's clock starts once the worker is ready, so a fresh worker's start-up
         (interpreter and imports) is not charged to the op's timeout.

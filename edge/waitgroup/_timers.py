@@ -71,7 +71,7 @@ class Timeouts:
             queue.timer = self._loop.call_at(entries[0][0], self._fire, queue)
 
     def clear(self) -> None:
-        """Drop every pending deadline; call it only when no op is running."""
+        """Drop every pending deadline. Call it only when no op is running."""
         for queue in self._queues.values():
             if queue.timer is not None:
                 queue.timer.cancel()

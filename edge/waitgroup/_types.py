@@ -25,7 +25,7 @@ KINDS: tuple[Kind, ...] = ("async", "thread", "process")
 
 
 class Outcome(enum.Enum):
-    """Terminal outcome of an op; every submitted op reaches exactly one."""
+    """Terminal outcome of an op. Every submitted op reaches exactly one."""
 
     SUCCEEDED = "succeeded"
     FAILED = "failed"
