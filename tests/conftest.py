@@ -138,8 +138,8 @@ class BrokerProcess:
         self.log = workdir / "mosquitto.log"
         listener = f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
         self.conf.write_text(
-            # mosquitto started as root switches to user "mosquitto" unless told otherwise,
-            # and that user cannot write the persistence file into the test's folder.
+            # mosquitto started as root switches to the user "mosquitto" unless `user` names
+            # another, and that user cannot write the persistence file into the test's folder.
             f"user {getpass.getuser()}\n"
             "persistence true\n"
             f"persistence_location {workdir}/\n"

@@ -87,7 +87,7 @@ class Recorder:
             return [m for m in self.messages if m.topic.endswith(suffix)]
 
     def wait_for(self, condition: Callable[[], bool], seconds: float) -> bool:
-        """Poll ``condition`` until it holds or ``seconds`` pass; return whether it held."""
+        """Poll ``condition`` until it is true or ``seconds`` pass; return its last value."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if condition():

@@ -172,7 +172,7 @@ async def test_publisher_untrusted_ca_not_connected(
     topic_prefix: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A broker certificate from another CA fails the handshake, and the log says so."""
+    """A broker certificate from another CA fails the handshake with a logged reason."""
     other = tmp_path / "other-ca"
     other.mkdir()
     await asyncio.to_thread(_make_pki, other)
@@ -317,7 +317,7 @@ async def test_callback_after_loop_closed_is_harmless(tmp_path: Path) -> None:
 
 
 def test_outbox_path_prefers_state_directory(tmp_path: Path) -> None:
-    """Under systemd the outbox goes to the first StateDirectory, whatever the config says."""
+    """Under systemd the outbox goes to the first StateDirectory, even with outbox.path set."""
     config = OutboxConfig(path=tmp_path / "configured.sqlite3")
     path = outbox_path(config, {"STATE_DIRECTORY": "/var/lib/edge:/var/lib/other"})
     assert path == Path("/var/lib/edge/outbox.sqlite3")

@@ -1,7 +1,7 @@
 """The service's MQTT side: frames, events, stats, availability and discovery from `run_service`.
 
 The detector is replaced by a stand-in pipeline that returns synthetic results, so these tests
-need no trained model; the simulated camera, the publisher and the broker are real.
+need no trained model. The simulated camera, the publisher and the broker are real.
 """
 
 from __future__ import annotations
