@@ -286,7 +286,8 @@ class MetricsServer:
             try:
                 async with asyncio.timeout(_REQUEST_TIMEOUT):
                     head = await reader.readuntil(b"\r\n\r\n")
-            except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+                logger.debug("metrics request rejected: %s", type(exc).__name__)
                 await _respond(writer, 400, "Bad Request", "incomplete or oversized request\n")
                 return
             status, reason, body = self._route(head)

@@ -51,6 +51,7 @@ class Notifier:
                     "path or an abstract socket name starting with @"
                 )
                 raise ValueError(msg)
+        self._failing = False
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> Notifier:
@@ -87,8 +88,14 @@ class Notifier:
                 sock.setblocking(False)
                 sock.sendto(payload, self._address)
         except OSError as exc:
-            logger.warning("systemd notification %r not sent: %s", assignments[0], exc)
+            # Warn once per run of failures: a broken socket would repeat at every ping.
+            level = logging.DEBUG if self._failing else logging.WARNING
+            logger.log(level, "systemd notification %r not sent: %s", assignments[0], exc)
+            self._failing = True
             return False
+        if self._failing:
+            logger.info("systemd notifications sent again")
+            self._failing = False
         return True
 
     def ready(self, status: str | None = None) -> bool:

@@ -142,6 +142,18 @@ def test_notifier_missing_socket_returns_false(
     assert "READY=1" in caplog.text
 
 
+def test_notifier_repeated_failure_warns_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Repeated failed sends log one warning, not one per send."""
+    notifier = Notifier(str(tmp_path / "gone.sock"))
+    for _ in range(3):
+        notifier.watchdog()
+
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+
+
 def test_watchdog_timeout_from_usec() -> None:
     """WATCHDOG_USEC is read as microseconds."""
     assert watchdog_timeout_from_environment({"WATCHDOG_USEC": "30000000"}) == 30.0
