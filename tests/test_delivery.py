@@ -7,7 +7,9 @@ Deadlines are generous because the machine may be loaded; no assert depends on t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -378,3 +380,84 @@ async def test_delivery_stop_without_broker_is_prompt(
     await again.stop(grace=0)
     assert elapsed < 600
     assert depth == 1
+
+
+def _stored_rows(outbox: Path, suffix: str) -> int:
+    if not outbox.exists():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(outbox, timeout=10)) as db:
+            row = db.execute(
+                "SELECT COUNT(*) FROM messages WHERE topic LIKE ?", (f"%{suffix}",)
+            ).fetchone()
+    except sqlite3.OperationalError:
+        return 0  # the daemon has not created the table yet
+    return int(row[0])
+
+
+def _edge_run_config(tmp_path: Path, port: int, prefix: str) -> Path:
+    path = tmp_path / "edge.toml"
+    path.write_text(
+        f'[device]\nid = "run-pi"\n'
+        f'[camera]\nkind = "simulated"\nfps = 0\nloop = true\n'
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\ntopic_prefix = "{prefix}"\n'
+        f"reconnect_min_delay = 0.2\nreconnect_max_delay = 2.0\n"
+        f'[outbox]\npath = "{tmp_path / "outbox.sqlite3"}"\n'
+    )
+    return path
+
+
+def _kill_edge_run_after(config: Path, outbox: Path, frames: int) -> None:
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "edge", "run", "--config", str(config)],
+        cwd=REPO,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while _stored_rows(outbox, "/frames") < frames and time.monotonic() < deadline:
+            assert daemon.poll() is None, "edge run exited before it was killed"
+            time.sleep(0.2)
+    finally:
+        daemon.kill()
+        daemon.wait(30)
+
+
+@pytest.mark.slow
+async def test_delivery_edge_run_sigkill(
+    tmp_path: Path,
+    broker_process: BrokerProcess,
+    topic_prefix: str,
+    recorder_factory: list[Recorder],
+) -> None:
+    """`edge run` killed with SIGKILL and no broker: the next `edge run` delivers its results."""
+    outbox = tmp_path / "outbox.sqlite3"
+    config = _edge_run_config(tmp_path, broker_process.port, topic_prefix)
+    await asyncio.to_thread(_kill_edge_run_after, config, outbox, 5)
+    queued = await asyncio.to_thread(_stored_rows, outbox, "/frames")
+
+    await asyncio.to_thread(broker_process.start)
+    recorder = await _record(broker_process, topic_prefix, recorder_factory)
+    completed = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "edge", "run", "--config", str(config), "--max-frames", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    arrived = await asyncio.to_thread(
+        recorder.wait_for, lambda: len(recorder.on("/frames")) >= queued + 1, 60
+    )
+
+    frames = [json.loads(m.payload) for m in recorder.on("/frames")]
+    replayed = sum(1 for frame in frames if frame["replayed"])
+    print(
+        f"edge run SIGKILL: queued {queued}, delivered {len(frames)} frame messages "
+        f"({replayed} replayed), left {_stored_rows(outbox, '/frames')}"
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert arrived
+    assert replayed == queued
+    assert _stored_rows(outbox, "/frames") == 0
+    assert _invalid(recorder.on("/frames"), "frame") == []
