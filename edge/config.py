@@ -80,7 +80,7 @@ class DetectorConfig:
 
     model: Path = MODELS_DIR / "detector.onnx"
     labels: Path | None = None
-    score_threshold: float = field(default=0.3, metadata=_bounds(0, 1))
+    score_threshold: float = field(default=0.5, metadata=_bounds(0, 1))
     iou_threshold: float = field(default=0.45, metadata=_bounds(0, 1))
     threads: int = field(default=0, metadata=_bounds(0, 64))
 

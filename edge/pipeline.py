@@ -41,9 +41,6 @@ FullFramePolicy = Literal["never", "always", "when_none_read"]
 
 #: Boxes narrower or lower than this many pixels are rejected before any reader sees them.
 MIN_REGION_SIDE = 4
-#: Extra margin around a crop, as a share of the box size, so codes keep part of their quiet
-#: zone and text its ascenders.
-CROP_MARGIN = 0.06
 
 
 class RegionDetector(Protocol):
@@ -174,7 +171,7 @@ class Pipeline:
         reader = self._routes.get(region.class_name)
         if reader is None:
             return _Job(region, None, Origin.DETECTOR)
-        crop, offset = _crop(frame.image, region.box)
+        crop, offset = _crop(frame.image, region.box, reader.crop_margin)
         return _Job(region, reader, Origin.DETECTOR, crop, offset)
 
     def _full_frame_job(self, frame: Frame) -> _Job:
@@ -230,10 +227,10 @@ def _accept_regions(detections: Sequence[Region], seq: int) -> tuple[list[Region
     return accepted, rejected
 
 
-def _crop(image: Image, box: Box) -> tuple[Image, tuple[int, int]]:
+def _crop(image: Image, box: Box, margin: float) -> tuple[Image, tuple[int, int]]:
     height, width = image.shape[:2]
-    margin_x = round(box.w * CROP_MARGIN)
-    margin_y = round(box.h * CROP_MARGIN)
+    margin_x = round(box.w * margin)
+    margin_y = round(box.h * margin)
     left, top = max(0, box.x - margin_x), max(0, box.y - margin_y)
     right = min(width, box.x + box.w + margin_x)
     bottom = min(height, box.y + box.h + margin_y)

@@ -27,6 +27,9 @@ class Reader(abc.ABC):
     name: str
     #: How the pipeline runs :meth:`read`.
     kind: OpKind = "thread"
+    #: Margin added on each side of a detected box before cropping, as a share of the box's
+    #: width and height, so that content cut by a tight box is still whole in the crop.
+    crop_margin: float = 0.06
 
     @abc.abstractmethod
     def read(self, image: Image) -> Reading:

@@ -426,6 +426,9 @@ class CodeReader(Reader):
 
     name = "codes"
     kind: OpKind = "process"
+    # zbar needs the quiet zone beside a symbol (about ten modules for EAN-13), which a tight
+    # detector box cuts off. On the bundled distorted samples 0.06 missed codes that 0.3 read.
+    crop_margin = 0.3
 
     def __init__(self, *, symbologies: Collection[str] = (), try_harder: bool = False) -> None:
         _symbology_ids(symbologies)
