@@ -249,6 +249,26 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class ServiceConfig:
+    """Integration with the service manager and monitoring.
+
+    Attributes:
+        metrics: Serve Prometheus metrics over HTTP at ``/metrics``.
+        metrics_host: Address the metrics endpoint binds; keep it local unless a scraper on
+            another host needs it.
+        metrics_port: TCP port of the metrics endpoint.
+        watchdog_stall: Seconds without a processed frame after which systemd watchdog pings
+            stop, so systemd restarts the daemon; 0 uses half the unit's ``WatchdogSec=``.
+            Set it above the longest gap between frames (1 / fps plus processing time).
+    """
+
+    metrics: bool = False
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = field(default=9464, metadata=_bounds(1, 65535))
+    watchdog_stall: float = field(default=0.0, metadata=_bounds(0, 3600))
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; every section has defaults."""
 
@@ -260,6 +280,7 @@ class Config:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,9 @@ from edge.config import SAMPLES_DIR, Config, OutboxConfig
 from edge.discovery import LAST_CODE, LAST_TEXT, TAG, discovery_sender
 from edge.errors import SourceExhausted
 from edge.factory import build_pipeline
+from edge.metrics import Metrics, MetricsServer
 from edge.mqtt_stats import StatsCollector
+from edge.notify import Notifier, Watchdog
 from edge.pipeline import Pipeline
 from edge.publisher import MqttPublisher
 from edge.results import FrameResult, RegionStatus
@@ -75,37 +77,25 @@ async def run_service(
         config.camera.kind,
         config.detector.model,
     )
-    camera = camera_from_config(config)
-    pipeline = await asyncio.to_thread(build_pipeline, config)
-    logger.info("pipeline ready")
-    publisher = _publisher_from_config(config) if config.mqtt.enabled else None
+    notifier = Notifier.from_environment()
+    watchdog = Watchdog.from_environment(
+        notifier, stall_window=config.service.watchdog_stall or None
+    )
+    # Started first: until arm(), it pings while the model loads and the camera opens.
+    watchdog_task = asyncio.create_task(watchdog.run(), name="edge.watchdog")
+    metrics = Metrics()
+    server = (
+        MetricsServer(metrics, config.service.metrics_host, config.service.metrics_port)
+        if config.service.metrics
+        else None
+    )
     summary = RunSummary()
     try:
-        if publisher is not None:
-            await publisher.start()
-            if not await publisher.wait_connected(CONNECT_WAIT):
-                logger.warning(
-                    "MQTT broker %s not reachable yet; results are queued until it is",
-                    publisher.endpoint,
-                )
-        async with camera:
-            logger.info("camera ready: %s", camera.description)
-            frame_loop = _FrameLoop(
-                config,
-                camera,
-                pipeline,
-                publisher,
-                summary,
-                max_frames=max_frames,
-                stdout=stdout,
-            )
-            await frame_loop.run_until_stopped()
-            logger.info("camera stopped, %d frames dropped while busy", camera.dropped)
+        await _run_stages(config, notifier, watchdog, metrics, server, summary, max_frames, stdout)
     finally:
-        await pipeline.aclose()
-        logger.info("pipeline stopped")
-        if publisher is not None:
-            await publisher.stop()
+        watchdog_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watchdog_task
     logger.info(
         "processed %d frames: %d regions (%s), %d codes, %d text lines",
         summary.frames,
@@ -115,6 +105,68 @@ async def run_service(
         summary.lines,
     )
     return summary
+
+
+async def _run_stages(
+    config: Config,
+    notifier: Notifier,
+    watchdog: Watchdog,
+    metrics: Metrics,
+    server: MetricsServer | None,
+    summary: RunSummary,
+    max_frames: int | None,
+    stdout: bool,
+) -> None:
+    """Bring up camera, model, publisher and metrics, run frames, then stop them in reverse."""
+    camera = camera_from_config(config)
+    notifier.status("loading the model")
+    pipeline = await asyncio.to_thread(build_pipeline, config)
+    logger.info("pipeline ready")
+    publisher = _publisher_from_config(config) if config.mqtt.enabled else None
+
+    def observe(result: FrameResult) -> None:
+        watchdog.frame_processed()
+        metrics.observe_frame(result, camera.dropped)
+        if publisher is not None:
+            stats = publisher.stats()
+            metrics.set_outbox_depth(stats.depth)
+            metrics.set_mqtt_connected(stats.connected)
+
+    try:
+        if publisher is not None:
+            notifier.status("connecting to the MQTT broker")
+            await publisher.start()
+            if not await publisher.wait_connected(CONNECT_WAIT):
+                logger.warning(
+                    "MQTT broker %s not reachable yet; results are queued until it is",
+                    publisher.endpoint,
+                )
+        if server is not None:
+            await server.start()
+        async with camera:
+            logger.info("camera ready: %s", camera.description)
+            notifier.ready(f"processing frames from {camera.description}")
+            watchdog.arm()
+            frame_loop = _FrameLoop(
+                config,
+                camera,
+                pipeline,
+                publisher,
+                summary,
+                max_frames=max_frames,
+                stdout=stdout,
+                observe=observe,
+            )
+            await frame_loop.run_until_stopped()
+            logger.info("camera stopped, %d frames dropped while busy", camera.dropped)
+    finally:
+        notifier.stopping("stopping: draining reads and the outbox")
+        await pipeline.aclose()
+        logger.info("pipeline stopped")
+        if server is not None:
+            await server.close()
+        if publisher is not None:
+            await publisher.stop()
 
 
 def outbox_path(config: OutboxConfig, environ: Mapping[str, str] | None = None) -> Path:
@@ -180,8 +232,10 @@ class _FrameLoop:
         *,
         max_frames: int | None,
         stdout: bool,
+        observe: Callable[[FrameResult], None] | None = None,
     ) -> None:
         self._device_id = config.device.id
+        self._observe = observe
         self._config = config
         self._camera = camera
         self._pipeline = pipeline
@@ -239,6 +293,8 @@ class _FrameLoop:
                 result.timings_ms["total"],
             )
             self._stats.add(result)
+            if self._observe is not None:
+                self._observe(result)
             if self._publisher is not None:
                 await self._publisher.publish_frame(result)
                 if self._tracker is not None:
