@@ -39,7 +39,7 @@ class Subscriber:
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
-            self.messages.append((msg.topic, msg.payload, msg.retain))
+            self.messages.append((msg.topic, bytes(msg.payload), msg.retain))
 
     def on(self, suffix: str) -> list[bytes]:
         with self._lock:
@@ -153,7 +153,7 @@ def test_scan_missing_file_exits_nonzero(tmp_path: Path) -> None:
 def test_scan_corrupt_image_skipped(tmp_path: Path) -> None:
     """A corrupt image is reported and skipped; the good one is still read; exit status 1."""
     (tmp_path / "a-broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    cv2.imwrite(str(tmp_path / "b-good.jpg"), cv2.imread(str(SAMPLES / "frame-000.jpg")))
+    (tmp_path / "b-good.jpg").write_bytes((SAMPLES / "frame-000.jpg").read_bytes())
     completed = _edge("scan", str(tmp_path))
     assert completed.returncode == 1
     assert "a-broken.jpg" in completed.stderr

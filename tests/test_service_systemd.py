@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from conftest import REPO, Broker, free_port
@@ -33,10 +34,10 @@ def _processed(metrics_text: str) -> float:
     return -1.0
 
 
-def _wait_for(predicate: object, seconds: float) -> bool:
+def _wait_for(predicate: Callable[[], bool], seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if callable(predicate) and predicate():
+        if predicate():
             return True
         time.sleep(0.1)
     return False
@@ -67,30 +68,27 @@ def test_service_notifies_serves_metrics_and_stops_on_sigterm(
         text=True,
     )
     received: list[str] = []
+    bodies: list[str] = []
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+
+    def sent_after(text: str, index: int = 0) -> Callable[[], bool]:
+        def check() -> bool:
+            received.extend(_receive_all(sock))
+            return any(text in m for m in received[index:])
+
+        return check
+
+    def frames_counted() -> bool:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            bodies.append(response.read().decode())
+        return _processed(bodies[-1]) > 0
+
     try:
-        ready = _wait_for(
-            lambda: received.extend(_receive_all(sock)) or any("READY=1" in m for m in received),
-            120,
-        )
-        assert ready, f"no READY=1; got {received}"
+        assert _wait_for(sent_after("READY=1"), 120), f"no READY=1; got {received}"
         ready_index = next(i for i, m in enumerate(received) if "READY=1" in m)
         # Frames flow at 4 fps and the watchdog interval is 1 s: pings must follow READY.
-        assert _wait_for(
-            lambda: (
-                received.extend(_receive_all(sock))
-                or any("WATCHDOG=1" in m for m in received[ready_index:])
-            ),
-            30,
-        )
-        url = f"http://127.0.0.1:{metrics_port}/metrics"
-        bodies: list[str] = []
-        _wait_for(
-            lambda: (
-                bodies.append(urllib.request.urlopen(url, timeout=10).read().decode())
-                or _processed(bodies[-1]) > 0
-            ),
-            60,
-        )
+        assert _wait_for(sent_after("WATCHDOG=1", ready_index), 30)
+        _wait_for(frames_counted, 60)
         process.send_signal(signal.SIGTERM)
         started = time.monotonic()
         returncode = process.wait(60)
