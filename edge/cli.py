@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 import tomllib
 from collections.abc import Sequence
@@ -156,7 +157,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         from edge.service import run_service
 
-        asyncio.run(run_service(config, max_frames=args.max_frames, stdout=args.stdout))
+        while True:
+            # Until the service installs its handler, and between runs, SIGHUP is ignored
+            # instead of ending the process (its default action).
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            summary = asyncio.run(
+                run_service(
+                    config,
+                    max_frames=args.max_frames,
+                    stdout=args.stdout,
+                    config_path=args.config,
+                )
+            )
+            if summary.reload_config is None:
+                break
+            config = summary.reload_config
+            configure_logging(config)
+            logger.info("configuration reloaded; starting again")
     except EdgeError as exc:
         logger.error("%s", exc)
         return 1

@@ -16,9 +16,9 @@ from typing import Any
 from edge import __version__
 from edge.camera.base import Camera
 from edge.camera.factory import create_camera
-from edge.config import SAMPLES_DIR, Config, OutboxConfig
+from edge.config import SAMPLES_DIR, Config, OutboxConfig, load_config
 from edge.discovery import LAST_CODE, LAST_TEXT, TAG, discovery_sender
-from edge.errors import SourceExhausted
+from edge.errors import ConfigError, SourceExhausted
 from edge.factory import build_pipeline
 from edge.metrics import Metrics, MetricsServer
 from edge.mqtt_stats import StatsCollector
@@ -46,6 +46,8 @@ class RunSummary:
     lines: int = 0
     failed_regions: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
+    #: The run stopped for SIGHUP with this new, already validated configuration.
+    reload_config: Config | None = None
 
     def add(self, result: FrameResult) -> None:
         """Count one frame result."""
@@ -61,14 +63,25 @@ class RunSummary:
 
 
 async def run_service(
-    config: Config, *, max_frames: int | None = None, stdout: bool = False
+    config: Config,
+    *,
+    max_frames: int | None = None,
+    stdout: bool = False,
+    config_path: Path | None = None,
 ) -> RunSummary:
-    """Run the daemon until the source ends, ``max_frames`` are done, or SIGTERM/SIGINT.
+    """Run the daemon until the source ends, ``max_frames`` are done, or a signal arrives.
+
+    SIGTERM and SIGINT stop it. SIGHUP reads ``config_path`` again: when the file is valid the
+    run stops cleanly and the returned summary carries the new configuration in
+    ``reload_config`` for the caller to start the next run with. An invalid file is logged
+    and the run goes on with the old configuration.
 
     Args:
         config: Validated configuration.
         max_frames: Stop after this many frames; ``None`` runs until the source ends.
         stdout: Also print every frame result as one JSON line on standard output.
+        config_path: The file ``config`` came from, read again on SIGHUP; ``None`` reloads
+            the defaults.
     """
     logger.info(
         "edge %s starting: device %s, camera %s, model %s",
@@ -91,7 +104,9 @@ async def run_service(
     )
     summary = RunSummary()
     try:
-        await _run_stages(config, notifier, watchdog, metrics, server, summary, max_frames, stdout)
+        await _run_stages(
+            config, notifier, watchdog, metrics, server, summary, max_frames, stdout, config_path
+        )
     finally:
         watchdog_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -116,6 +131,7 @@ async def _run_stages(
     summary: RunSummary,
     max_frames: int | None,
     stdout: bool,
+    config_path: Path | None = None,
 ) -> None:
     """Bring up camera, model, publisher and metrics, run frames, then stop them in reverse."""
     camera = camera_from_config(config)
@@ -156,11 +172,15 @@ async def _run_stages(
                 max_frames=max_frames,
                 stdout=stdout,
                 observe=observe,
+                config_path=config_path,
             )
             await frame_loop.run_until_stopped()
             logger.info("camera stopped, %d frames dropped while busy", camera.dropped)
     finally:
-        notifier.stopping("stopping: draining reads and the outbox")
+        if summary.reload_config is not None:
+            notifier.notify("RELOADING=1", "STATUS=reloading the configuration")
+        else:
+            notifier.stopping("stopping: draining reads and the outbox")
         await pipeline.aclose()
         logger.info("pipeline stopped")
         if server is not None:
@@ -233,7 +253,9 @@ class _FrameLoop:
         max_frames: int | None,
         stdout: bool,
         observe: Callable[[FrameResult], None] | None = None,
+        config_path: Path | None = None,
     ) -> None:
+        self._config_path = config_path
         self._device_id = config.device.id
         self._observe = observe
         self._config = config
@@ -254,9 +276,10 @@ class _FrameLoop:
         task = asyncio.create_task(self._run(), name="edge.frames")
         stats_task = asyncio.create_task(self._send_stats(), name="edge.stats")
         loop = asyncio.get_running_loop()
-        signals = (signal.SIGTERM, signal.SIGINT)
-        for signum in signals:
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._request_stop, task, signum)
+        loop.add_signal_handler(signal.SIGHUP, self._request_reload, task)
         try:
             await task
         except asyncio.CancelledError:
@@ -271,6 +294,18 @@ class _FrameLoop:
             with contextlib.suppress(asyncio.CancelledError):
                 await stats_task
         await self._finish_tracks()
+
+    def _request_reload(self, task: asyncio.Task[None]) -> None:
+        source = self._config_path or "the built-in defaults"
+        logger.info("received SIGHUP, reloading the configuration from %s", source)
+        try:
+            new_config = load_config(self._config_path)
+        except ConfigError as exc:
+            logger.error("configuration not reloaded, keeping the running one: %s", exc)
+            return
+        self._summary.reload_config = new_config
+        self._stop_signal = signal.SIGHUP
+        task.cancel()
 
     def _request_stop(self, task: asyncio.Task[None], signum: int) -> None:
         logger.info("received %s, stopping", signal.Signals(signum).name)

@@ -107,3 +107,43 @@ def test_service_notifies_serves_metrics_and_stops_on_sigterm(
     assert any("STOPPING=1" in m for m in received)
     assert _processed(bodies[-1]) > 0
     assert "received SIGTERM" in stderr
+
+
+def test_service_sighup_reloads_configuration(tmp_path: Path) -> None:
+    """SIGHUP with a valid new file restarts with it; an invalid file keeps the running one."""
+    config = tmp_path / "edge.toml"
+    base = f'[camera]\nkind = "simulated"\npath = "{SAMPLES}"\nfps = 4\nloop = true\n'
+    config.write_text(base + '[device]\nid = "before"\n[mqtt]\nenabled = false\n')
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edge", "run", "--config", str(config), "--stdout"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    try:
+        assert '"device_id":"before"' in process.stdout.readline()
+        config.write_text(base + "[mqtt]\nport = 0\n")
+        process.send_signal(signal.SIGHUP)
+        assert '"device_id":"before"' in process.stdout.readline()
+        config.write_text(base + '[device]\nid = "after"\n[mqtt]\nenabled = false\n')
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 120
+        line = ""
+        while time.monotonic() < deadline and '"device_id":"after"' not in line:
+            line = process.stdout.readline()
+        process.send_signal(signal.SIGTERM)
+        returncode = process.wait(60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        assert process.stderr is not None
+        stderr = process.stderr.read()
+        process.stdout.close()
+        process.stderr.close()
+    assert '"device_id":"after"' in line, stderr
+    assert "configuration not reloaded" in stderr
+    assert "mqtt.port" in stderr
+    assert returncode == 0, stderr
