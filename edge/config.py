@@ -126,12 +126,15 @@ class PipelineConfig:
         frame_deadline: Seconds all region reads of one frame may take together.
         full_frame_codes: When to decode codes over the whole frame as well: ``never``,
             ``always``, or ``when_none_read`` (when no detected region yielded a code).
+        reuse_unchanged: Repeat the previous frame's reading of a region whose box and pixels
+            did not change, instead of reading it again; such regions say ``reused``.
     """
 
     concurrency: int = field(default=2, metadata=_bounds(1, 64))
     op_timeout: float = field(default=5.0, metadata=_bounds(0.01, 600))
     frame_deadline: float = field(default=10.0, metadata=_bounds(0.01, 3600))
     full_frame_codes: Literal["never", "always", "when_none_read"] = "when_none_read"
+    reuse_unchanged: bool = True
 
 
 @dataclass(frozen=True)

@@ -61,5 +61,6 @@ def build_pipeline(config: Config) -> Pipeline:
         op_timeout=config.pipeline.op_timeout,
         frame_deadline=config.pipeline.frame_deadline,
         full_frame_codes=config.pipeline.full_frame_codes,
+        reuse_unchanged=config.pipeline.reuse_unchanged,
     )
     return Pipeline(detector, routes, code_reader=readers.get("codes"), options=options)

@@ -14,7 +14,7 @@ import concurrent.futures
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 import numpy as np
@@ -33,6 +33,7 @@ from edge.results import (
     RegionStatus,
     TextLine,
 )
+from edge.reuse import ReuseCache, Signature, signature
 from edge.waitgroup import DeadlineExceeded, OpHandle, OpResult, Outcome, WaitGroup
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class PipelineOptions:
     op_timeout: float = 5.0
     frame_deadline: float = 10.0
     full_frame_codes: FullFramePolicy = "when_none_read"
+    reuse_unchanged: bool = True
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,6 +76,8 @@ class _Job:
     origin: Origin
     crop: Image | None = None
     offset: tuple[int, int] = (0, 0)
+    signature: Signature | None = None
+    reused: Reading | None = None
 
 
 class Pipeline:
@@ -109,6 +113,7 @@ class Pipeline:
             deadline=self._options.frame_deadline,
             name="edge.readers",
         )
+        self._reuse = ReuseCache() if self._options.reuse_unchanged else None
 
     @property
     def group(self) -> WaitGroup:
@@ -156,6 +161,7 @@ class Pipeline:
             jobs.append(self._full_frame_job(frame))
         outcomes = await self._run(frame, jobs)
         results = _assemble(jobs, outcomes)
+        self._remember(jobs, results)
         late_fallback = (
             not early_fallback
             and self._code_reader is not None
@@ -164,25 +170,48 @@ class Pipeline:
         )
         if late_fallback:
             job = self._full_frame_job(frame)
-            results += _assemble([job], await self._run(frame, [job]))
+            late = _assemble([job], await self._run(frame, [job]))
+            self._remember([job], late)
+            results += late
+        if self._reuse is not None:
+            self._reuse.next_frame()
         return _split_full_frame(results)
+
+    def _with_reuse(self, job: _Job) -> _Job:
+        """Attach the crop's signature and, if its pixels did not change, the old reading."""
+        if self._reuse is None or job.reader is None or job.crop is None:
+            return job
+        crop_signature = signature(job.crop)
+        reused = self._reuse.lookup(job.region.class_name, job.region.box, crop_signature)
+        return replace(job, signature=crop_signature, reused=reused)
+
+    def _remember(self, jobs: Sequence[_Job], results: Sequence[RegionResult]) -> None:
+        if self._reuse is None:
+            return
+        for job, result in zip(jobs, results, strict=True):
+            keep = result.status in (RegionStatus.OK, RegionStatus.EMPTY)
+            if job.signature is not None and keep:
+                self._reuse.store(
+                    job.region.class_name, job.region.box, job.signature, result.reading
+                )
 
     def _job_for(self, frame: Frame, region: Region) -> _Job:
         reader = self._routes.get(region.class_name)
         if reader is None:
             return _Job(region, None, Origin.DETECTOR)
         crop, offset = _crop(frame.image, region.box, reader.crop_margin)
-        return _Job(region, reader, Origin.DETECTOR, crop, offset)
+        return self._with_reuse(_Job(region, reader, Origin.DETECTOR, crop, offset))
 
     def _full_frame_job(self, frame: Frame) -> _Job:
         box = Box(0, 0, frame.width, frame.height)
-        return _Job(Region("frame", 1.0, box), self._code_reader, Origin.FULL_FRAME, frame.image)
+        region = Region("frame", 1.0, box)
+        return self._with_reuse(_Job(region, self._code_reader, Origin.FULL_FRAME, frame.image))
 
     async def _run(self, frame: Frame, jobs: Sequence[_Job]) -> dict[int, OpResult[Reading] | None]:
         handles: dict[int, OpHandle[Reading] | None] = {}
         for job in jobs:
             reader = job.reader
-            if reader is None or job.crop is None:
+            if reader is None or job.crop is None or job.reused is not None:
                 continue
             name = f"edge.read.{reader.name}[{frame.seq}]"
             try:
@@ -263,6 +292,9 @@ def _assemble(
 
 
 def _region_result(job: _Job, reader: str, op: OpResult[Reading] | None) -> RegionResult:
+    if job.reused is not None:
+        status = RegionStatus.EMPTY if job.reused.empty else RegionStatus.OK
+        return RegionResult(job.region, reader, status, job.reused, 0.0, job.origin, reused=True)
     if op is None or op.outcome in (Outcome.REJECTED, Outcome.CANCELLED):
         return RegionResult(
             job.region,
@@ -322,6 +354,7 @@ def _split_full_frame(results: list[RegionResult]) -> list[RegionResult]:
                     Reading(codes=(code,)),
                     result.elapsed_ms,
                     Origin.FULL_FRAME,
+                    reused=result.reused,
                 )
             )
     return output

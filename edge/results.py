@@ -154,6 +154,8 @@ class RegionResult:
         elapsed_ms: Time spent reading, in milliseconds (queue time excluded).
         origin: Whether the detector found the region or a full-frame fallback did.
         error: A one-line description of the failure for ``ERROR`` and ``TIMEOUT``.
+        reused: The reading is the previous frame's, handed over again because the region's
+            pixels did not change; nothing was read this frame.
     """
 
     region: Region
@@ -163,6 +165,7 @@ class RegionResult:
     elapsed_ms: float = 0.0
     origin: Origin = Origin.DETECTOR
     error: str | None = None
+    reused: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +255,7 @@ def _region_to_dict(result: RegionResult) -> dict[str, Any]:
         ],
         "elapsed_ms": round(result.elapsed_ms, 2),
         "error": result.error,
+        "reused": result.reused,
     }
 
 

@@ -1,0 +1,91 @@
+"""Reuse of previous reads for regions whose pixels did not change.
+
+A fixed camera sees the same label for minutes. Reading it again costs OCR time and gives the
+same text, so the pipeline keeps the last frame's readings with a small grey-scale signature of
+each crop, and hands a reading over again when a region of the same class sits at nearly the
+same box and its signature still matches.
+
+A signature is the crop shrunk to ``SIGNATURE_SIDE`` square pixels with area averaging, which
+smooths sensor noise. Two signatures match when fewer than ``changed_share`` of their pixels
+differ by more than ``pixel_tolerance`` grey levels; a changed digit on a label covers more than
+that share of its signature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from edge.results import Box, Image, Reading
+
+#: Side in pixels of the square grey-scale signature of a crop.
+SIGNATURE_SIDE = 64
+
+Signature = npt.NDArray[np.int16]
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    class_name: str
+    box: Box
+    signature: Signature
+    reading: Reading
+
+
+def signature(image: Image) -> Signature:
+    """Return the grey-scale signature of an H x W x 3 BGR (or H x W grey) image."""
+    grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    small = cv2.resize(grey, (SIGNATURE_SIDE, SIGNATURE_SIDE), interpolation=cv2.INTER_AREA)
+    return small.astype(np.int16)
+
+
+def box_iou(a: Box, b: Box) -> float:
+    """Intersection over union of two boxes, 0.0 when either is empty."""
+    width = min(a.x + a.w, b.x + b.w) - max(a.x, b.x)
+    height = min(a.y + a.h, b.y + b.h) - max(a.y, b.y)
+    if width <= 0 or height <= 0:
+        return 0.0
+    overlap = width * height
+    return overlap / (a.area + b.area - overlap)
+
+
+class ReuseCache:
+    """The readings of the previous frame, found again by class, box and pixels.
+
+    Args:
+        min_iou: Smallest overlap (intersection over union) between the old and new box.
+        pixel_tolerance: Grey levels (0..255) by which a signature pixel may differ and still
+            count as unchanged.
+        changed_share: Share (0..1) of changed signature pixels from which the region counts
+            as changed.
+    """
+
+    def __init__(
+        self, *, min_iou: float = 0.85, pixel_tolerance: int = 12, changed_share: float = 0.002
+    ) -> None:
+        self._min_iou = min_iou
+        self._pixel_tolerance = pixel_tolerance
+        self._changed_share = changed_share
+        self._previous: list[_Entry] = []
+        self._current: list[_Entry] = []
+
+    def lookup(self, class_name: str, box: Box, crop_signature: Signature) -> Reading | None:
+        """Return the previous frame's reading of this region if its pixels did not change."""
+        for entry in self._previous:
+            if entry.class_name != class_name or box_iou(entry.box, box) < self._min_iou:
+                continue
+            changed = np.abs(entry.signature - crop_signature) > self._pixel_tolerance
+            if float(changed.mean()) < self._changed_share:
+                return entry.reading
+        return None
+
+    def store(self, class_name: str, box: Box, crop_signature: Signature, reading: Reading) -> None:
+        """Remember a reading of this frame for the next one."""
+        self._current.append(_Entry(class_name, box, crop_signature, reading))
+
+    def next_frame(self) -> None:
+        """Make this frame's readings the ones the next frame is compared with."""
+        self._previous, self._current = self._current, []

@@ -1,0 +1,183 @@
+"""Reuse of readings for regions whose pixels did not change between frames."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from edge.pipeline import Pipeline, PipelineOptions
+from edge.readers.base import Reader
+from edge.readers.codes import decode_codes
+from edge.results import Box, Frame, Image, Reading, Region, RegionStatus
+from edge.reuse import ReuseCache, box_iou, signature
+from edge.synth import Scene, render_scene
+
+
+@dataclass
+class FixedDetector:
+    """Returns the same regions for every frame."""
+
+    regions: list[Region]
+
+    def detect_counted(self, image: Image) -> tuple[list[Region], int]:
+        return list(self.regions), 0
+
+    def close(self) -> None:
+        pass
+
+
+class CountingCodeReader(Reader):
+    """A thread reader that decodes codes with zbar and counts its calls."""
+
+    name = "codes"
+    kind = "thread"
+    crop_margin = 0.3
+
+    def __init__(self, *, fail: bool = False) -> None:
+        self.calls = 0
+        self.fail = fail
+
+    def read(self, image: Image) -> Reading:
+        self.calls += 1
+        if self.fail:
+            msg = "decoder failed"
+            raise RuntimeError(msg)
+        return decode_codes(image)
+
+
+def _scene(seed: int) -> Scene:
+    return render_scene(np.random.default_rng(seed), labels=(0, 0), codes=(1, 1), distortions=False)
+
+
+def _regions(scene: Scene) -> list[Region]:
+    return [Region(o.class_name, 0.9, Box(*(round(v) for v in o.box))) for o in scene.objects]
+
+
+def _pipeline(scene: Scene, reader: Reader, *, reuse: bool = True) -> Pipeline:
+    options = PipelineOptions(full_frame_codes="never", reuse_unchanged=reuse)
+    routes = {o.class_name: reader for o in scene.objects}
+    return Pipeline(FixedDetector(_regions(scene)), routes, options=options)
+
+
+def _frame(image: Image, seq: int) -> Frame:
+    return Frame(seq=seq, captured_at=time.time(), image=image)
+
+
+async def test_reuse_unchanged_region_not_read_again() -> None:
+    """The same frame twice: the second result repeats the reading and the reader is not called."""
+    scene = _scene(21)
+    reader = CountingCodeReader()
+    pipeline = _pipeline(scene, reader)
+    try:
+        first = await pipeline.process(_frame(scene.image, 0))
+        second = await pipeline.process(_frame(scene.image.copy(), 1))
+    finally:
+        await pipeline.aclose()
+    assert reader.calls == 1
+    assert first.regions[0].reused is False
+    assert second.regions[0].reused is True
+    assert second.regions[0].reading == first.regions[0].reading
+    assert second.regions[0].status is RegionStatus.OK
+
+
+async def test_reuse_tolerates_sensor_noise() -> None:
+    """Mild noise, as a camera adds between frames, still counts as unchanged."""
+    scene = _scene(23)
+    noisy = np.clip(
+        scene.image + np.random.default_rng(0).normal(0, 3, scene.image.shape), 0, 255
+    ).astype(np.uint8)
+    reader = CountingCodeReader()
+    pipeline = _pipeline(scene, reader)
+    try:
+        await pipeline.process(_frame(scene.image, 0))
+        second = await pipeline.process(_frame(noisy, 1))
+    finally:
+        await pipeline.aclose()
+    assert second.regions[0].reused is True
+    assert reader.calls == 1
+
+
+async def test_reuse_changed_pixels_read_again() -> None:
+    """A different code at the same place is read again, with its new payload."""
+    first_scene = _scene(25)
+    box = _regions(first_scene)[0].box
+    other = _scene(27)
+    changed = first_scene.image.copy()
+    other_box = _regions(other)[0].box
+    patch = other.image[
+        other_box.y : other_box.y + other_box.h, other_box.x : other_box.x + other_box.w
+    ]
+    changed[box.y : box.y + box.h, box.x : box.x + box.w] = cv2.resize(patch, (box.w, box.h))
+    reader = CountingCodeReader()
+    pipeline = _pipeline(first_scene, reader)
+    try:
+        await pipeline.process(_frame(first_scene.image, 0))
+        second = await pipeline.process(_frame(changed, 1))
+    finally:
+        await pipeline.aclose()
+    assert reader.calls == 2
+    assert second.regions[0].reused is False
+
+
+async def test_reuse_disabled_reads_every_frame() -> None:
+    """With reuse_unchanged off, every frame is read."""
+    scene = _scene(29)
+    reader = CountingCodeReader()
+    pipeline = _pipeline(scene, reader, reuse=False)
+    try:
+        for seq in range(3):
+            await pipeline.process(_frame(scene.image, seq))
+    finally:
+        await pipeline.aclose()
+    assert reader.calls == 3
+
+
+async def test_reuse_skips_failed_reads() -> None:
+    """A read that failed is tried again on the next frame, never repeated as a result."""
+    scene = _scene(31)
+    reader = CountingCodeReader(fail=True)
+    pipeline = _pipeline(scene, reader)
+    try:
+        await pipeline.process(_frame(scene.image, 0))
+        second = await pipeline.process(_frame(scene.image, 1))
+    finally:
+        await pipeline.aclose()
+    assert reader.calls == 2
+    assert second.regions[0].status is RegionStatus.ERROR
+
+
+async def test_reuse_full_frame_fallback_on_static_frame() -> None:
+    """With nothing detected, the full-frame decode of an unchanged frame is reused too."""
+    scene = _scene(33)
+    reader = CountingCodeReader()
+    options = PipelineOptions(full_frame_codes="when_none_read")
+    pipeline = Pipeline(FixedDetector([]), {}, code_reader=reader, options=options)
+    try:
+        first = await pipeline.process(_frame(scene.image, 0))
+        second = await pipeline.process(_frame(scene.image, 1))
+    finally:
+        await pipeline.aclose()
+    assert reader.calls == 1
+    assert [r.reused for r in second.regions] == [True] * len(first.regions)
+    assert {c.text for r in second.regions for c in r.reading.codes} == {scene.objects[0].value}
+
+
+def test_reuse_cache_requires_overlapping_box() -> None:
+    """A matching signature at a box that moved away is not a match."""
+    image = np.full((40, 40, 3), 200, np.uint8)
+    cache = ReuseCache()
+    cache.store("text", Box(0, 0, 40, 40), signature(image), Reading())
+    cache.next_frame()
+    assert cache.lookup("text", Box(0, 0, 40, 40), signature(image)) == Reading()
+    assert cache.lookup("text", Box(30, 30, 40, 40), signature(image)) is None
+    assert cache.lookup("qr_code", Box(0, 0, 40, 40), signature(image)) is None
+
+
+def test_box_iou_values() -> None:
+    """IoU is 1 for equal boxes, 0 for disjoint ones and 1/3 for half-shifted squares."""
+    assert box_iou(Box(0, 0, 10, 10), Box(0, 0, 10, 10)) == 1.0
+    assert box_iou(Box(0, 0, 10, 10), Box(20, 20, 10, 10)) == 0.0
+    assert abs(box_iou(Box(0, 0, 10, 10), Box(5, 0, 10, 10)) - 1 / 3) < 1e-9
