@@ -127,7 +127,7 @@ class PipelineConfig:
         full_frame_codes: When to decode codes over the whole frame as well: ``never``,
             ``always``, or ``when_none_read`` (when no detected region yielded a code).
         reuse_unchanged: Repeat the previous frame's reading of a region whose box and pixels
-            did not change, instead of reading it again; such regions say ``reused``.
+            did not change, instead of reading it again. Such regions are marked ``reused``.
     """
 
     concurrency: int = field(default=2, metadata=_bounds(1, 64))

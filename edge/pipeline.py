@@ -45,7 +45,7 @@ MIN_REGION_SIDE = 4
 
 
 class RegionDetector(Protocol):
-    """What the pipeline needs of a detector."""
+    """Detector interface the pipeline uses."""
 
     def detect_counted(self, image: Image) -> tuple[list[Region], int]:
         """Return the regions found in a BGR frame and the count of boxes it discarded."""

@@ -114,7 +114,7 @@ class TextLine:
 
 @dataclass(frozen=True, slots=True)
 class Reading:
-    """What a reader found in one crop. Both tuples empty means nothing was found."""
+    """Reader output for one crop. Both tuples empty means nothing was found."""
 
     codes: tuple[Code, ...] = ()
     lines: tuple[TextLine, ...] = ()
