@@ -121,7 +121,7 @@ class PipelineConfig:
     """How regions are read.
 
     Attributes:
-        concurrency: Regions read at the same time per reader kind.
+        concurrency: Region reads running at once, across all readers.
         op_timeout: Seconds one region read may take before it is reported as ``timeout``.
         frame_deadline: Seconds all region reads of one frame may take together.
         full_frame_codes: When to decode codes over the whole frame as well: ``never``,
@@ -142,7 +142,8 @@ class MqttConfig:
     """The MQTT broker results are published to.
 
     Attributes:
-        enabled: Publish at all; ``false`` prints nothing and publishes nothing.
+        enabled: Publish at all; ``false`` publishes nothing (``edge run --stdout`` still
+            prints the results).
         host: Broker host name or address.
         port: Broker TCP port (8883 is the usual port with TLS).
         topic_prefix: First topic level; topics are ``{topic_prefix}/{device_id}/...``.
@@ -419,6 +420,7 @@ def _check_cross_fields(config: Config) -> None:
         )
         raise ConfigError(msg, key="pipeline.op_timeout")
     _check_mqtt(config.mqtt)
+    _check_topic_levels(config)
     if config.camera.kind != "simulated" and config.camera.path is not None:
         msg = f"path is only used by the simulated camera, not by {config.camera.kind!r}"
         raise ConfigError(msg, key="camera.path")
@@ -433,6 +435,22 @@ def _check_cross_fields(config: Config) -> None:
     if config.detector.labels is not None and not config.detector.labels.is_file():
         msg = f"labels file not found: {config.detector.labels}"
         raise ConfigError(msg, key="detector.labels")
+
+
+def _check_topic_levels(config: Config) -> None:
+    """Reject topic parts that MQTT forbids in a publish topic or that would add levels."""
+    parts = {"device.id": config.device.id, "mqtt.topic_prefix": config.mqtt.topic_prefix}
+    for key, value in parts.items():
+        bad = sorted(
+            {c for c in value if c in "+#\0"}
+            | ({"/"} if key == "device.id" and "/" in value else set())
+        )
+        if bad:
+            msg = (
+                f"invalid value {value!r}: it contains {', '.join(map(repr, bad))}, which MQTT "
+                "topics do not allow here. Remove those characters"
+            )
+            raise ConfigError(msg, key=key)
 
 
 def _check_mqtt(mqtt: MqttConfig) -> None:

@@ -130,7 +130,7 @@ class Pipeline:
         detected_at = time.perf_counter()
         regions, rejected = _accept_regions(detections, frame.seq)
         rejected += discarded
-        results = await self._read_all(frame, regions)
+        results = await self._read_all(frame, regions, detected_at)
         finished = time.perf_counter()
         return FrameResult(
             seq=frame.seq,
@@ -147,7 +147,9 @@ class Pipeline:
             rejected_regions=rejected,
         )
 
-    async def _read_all(self, frame: Frame, regions: Sequence[Region]) -> list[RegionResult]:
+    async def _read_all(
+        self, frame: Frame, regions: Sequence[Region], started: float
+    ) -> list[RegionResult]:
         jobs = [self._job_for(frame, region) for region in regions]
         policy = self._options.full_frame_codes
         code_classes = {c for c, r in self._routes.items() if r is self._code_reader}
@@ -161,39 +163,53 @@ class Pipeline:
             jobs.append(self._full_frame_job(frame))
         outcomes = await self._run(frame, jobs)
         results = _assemble(jobs, outcomes)
-        self._remember(jobs, results)
+        self._remember(jobs, outcomes)
         late_fallback = (
             not early_fallback
             and self._code_reader is not None
             and policy == "when_none_read"
             and not any(r.reading.codes for r in results)
         )
-        if late_fallback:
+        # The late decode is a second WaitGroup epoch with a deadline of its own, so its
+        # timeout is cut to what is left of this frame's deadline.
+        remaining = self._options.frame_deadline - (time.perf_counter() - started)
+        if late_fallback and remaining > 0:
             job = self._full_frame_job(frame)
-            late = _assemble([job], await self._run(frame, [job]))
-            self._remember([job], late)
-            results += late
+            timeout = min(self._options.op_timeout, remaining)
+            results += _assemble([job], await self._run(frame, [job], op_timeout=timeout))
         if self._reuse is not None:
             self._reuse.next_frame()
         return _split_full_frame(results)
 
     def _with_reuse(self, job: _Job) -> _Job:
-        """Attach the crop's signature and, if its pixels did not change, the old reading."""
+        """Attach the crop's signature and, if its pixels did not change, the old reading.
+
+        A reused reading keeps the signature of the pixels it was read from, so slow changes
+        add up until the region is read again.
+        """
         if self._reuse is None or job.reader is None or job.crop is None:
             return job
         crop_signature = signature(job.crop)
-        reused = self._reuse.lookup(job.region.class_name, job.region.box, crop_signature)
-        return replace(job, signature=crop_signature, reused=reused)
+        cached = self._reuse.lookup(job.region.class_name, job.region.box, crop_signature)
+        if cached is None:
+            return replace(job, signature=crop_signature)
+        return replace(job, signature=cached.signature, reused=cached.reading)
 
-    def _remember(self, jobs: Sequence[_Job], results: Sequence[RegionResult]) -> None:
+    def _remember(
+        self, jobs: Sequence[_Job], outcomes: Mapping[int, OpResult[Reading] | None]
+    ) -> None:
+        """Store this frame's readings, in crop pixels, for the next frame."""
         if self._reuse is None:
             return
-        for job, result in zip(jobs, results, strict=True):
-            keep = result.status in (RegionStatus.OK, RegionStatus.EMPTY)
-            if job.signature is not None and keep:
-                self._reuse.store(
-                    job.region.class_name, job.region.box, job.signature, result.reading
-                )
+        for job in jobs:
+            if job.signature is None:
+                continue
+            op = outcomes.get(id(job))
+            reading = job.reused
+            if reading is None and op is not None and op.outcome is Outcome.SUCCEEDED:
+                reading = op.value
+            if reading is not None:
+                self._reuse.store(job.region.class_name, job.region.box, job.signature, reading)
 
     def _job_for(self, frame: Frame, region: Region) -> _Job:
         reader = self._routes.get(region.class_name)
@@ -205,9 +221,13 @@ class Pipeline:
     def _full_frame_job(self, frame: Frame) -> _Job:
         box = Box(0, 0, frame.width, frame.height)
         region = Region("frame", 1.0, box)
-        return self._with_reuse(_Job(region, self._code_reader, Origin.FULL_FRAME, frame.image))
+        # NOTE: no reuse here. A 64x64 signature of a whole frame misses a small code that
+        # appears or changes, so the full-frame decode runs on every frame that needs it.
+        return _Job(region, self._code_reader, Origin.FULL_FRAME, frame.image)
 
-    async def _run(self, frame: Frame, jobs: Sequence[_Job]) -> dict[int, OpResult[Reading] | None]:
+    async def _run(
+        self, frame: Frame, jobs: Sequence[_Job], *, op_timeout: float | None = None
+    ) -> dict[int, OpResult[Reading] | None]:
         handles: dict[int, OpHandle[Reading] | None] = {}
         for job in jobs:
             reader = job.reader
@@ -220,6 +240,7 @@ class Pipeline:
                     job.crop,
                     kind=reader.kind,
                     name=name,
+                    timeout=op_timeout or self._options.op_timeout,
                     on_cancel=_cancel_hook(reader),
                 )
             except DeadlineExceeded:
@@ -231,7 +252,8 @@ class Pipeline:
     async def aclose(self) -> None:
         """Stop the reader workers and the detector thread, then release the models."""
         await self._group.aclose()
-        self._detect_executor.shutdown(wait=True, cancel_futures=True)
+        # A running detection blocks the shutdown until it ends, so wait off the event loop.
+        await asyncio.to_thread(self._detect_executor.shutdown, wait=True, cancel_futures=True)
         readers = {id(r): r for r in [*self._routes.values(), self._code_reader] if r is not None}
         for reader in readers.values():
             reader.close()
@@ -239,7 +261,7 @@ class Pipeline:
 
 
 def _cancel_hook(reader: Reader) -> Callable[[], None] | None:
-    """Return the reader's cancel method when it has one that does something."""
+    """Return the cancel method of a thread reader that overrides :meth:`Reader.cancel`."""
     overridden = type(reader).cancel is not Reader.cancel
     return reader.cancel if reader.kind == "thread" and overridden else None
 
@@ -293,15 +315,20 @@ def _assemble(
 
 def _region_result(job: _Job, reader: str, op: OpResult[Reading] | None) -> RegionResult:
     if job.reused is not None:
-        status = RegionStatus.EMPTY if job.reused.empty else RegionStatus.OK
-        return RegionResult(job.region, reader, status, job.reused, 0.0, job.origin, reused=True)
-    if op is None or op.outcome in (Outcome.REJECTED, Outcome.CANCELLED):
+        reading = _to_frame(job.reused, job.offset)
+        status = RegionStatus.EMPTY if reading.empty else RegionStatus.OK
+        return RegionResult(job.region, reader, status, reading, 0.0, job.origin, reused=True)
+    if op is None or op.outcome is Outcome.REJECTED:
         return RegionResult(
             job.region,
             reader,
             RegionStatus.TIMEOUT,
             origin=job.origin,
             error="not started before the frame deadline",
+        )
+    if op.outcome is Outcome.CANCELLED:
+        return RegionResult(
+            job.region, reader, RegionStatus.ERROR, origin=job.origin, error="read cancelled"
         )
     elapsed = (op.run_time or 0.0) * 1000
     if op.outcome is Outcome.SUCCEEDED:

@@ -28,7 +28,16 @@ Signature = npt.NDArray[np.int16]
 
 
 @dataclass(frozen=True, slots=True)
-class _Entry:
+class CachedRead:
+    """A stored reading with the signature of the pixels it was read from.
+
+    Attributes:
+        class_name: Detector class of the region.
+        box: The region's box in the frame it was last seen in.
+        signature: Signature of the crop the reading came from.
+        reading: What the reader returned, in crop pixels.
+    """
+
     class_name: str
     box: Box
     signature: Signature
@@ -69,22 +78,22 @@ class ReuseCache:
         self._min_iou = min_iou
         self._pixel_tolerance = pixel_tolerance
         self._changed_share = changed_share
-        self._previous: list[_Entry] = []
-        self._current: list[_Entry] = []
+        self._previous: list[CachedRead] = []
+        self._current: list[CachedRead] = []
 
-    def lookup(self, class_name: str, box: Box, crop_signature: Signature) -> Reading | None:
-        """Return the previous frame's reading of this region if its pixels did not change."""
+    def lookup(self, class_name: str, box: Box, crop_signature: Signature) -> CachedRead | None:
+        """Return the previous frame's read of this region if its pixels did not change."""
         for entry in self._previous:
             if entry.class_name != class_name or box_iou(entry.box, box) < self._min_iou:
                 continue
             changed = np.abs(entry.signature - crop_signature) > self._pixel_tolerance
             if float(changed.mean()) < self._changed_share:
-                return entry.reading
+                return entry
         return None
 
     def store(self, class_name: str, box: Box, crop_signature: Signature, reading: Reading) -> None:
-        """Remember a reading of this frame for the next one."""
-        self._current.append(_Entry(class_name, box, crop_signature, reading))
+        """Remember a reading (in crop pixels) of this frame for the next one."""
+        self._current.append(CachedRead(class_name, box, crop_signature, reading))
 
     def next_frame(self) -> None:
         """Make this frame's readings the ones the next frame is compared with."""

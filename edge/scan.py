@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sys
 import time
+from dataclasses import replace
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TextIO
@@ -20,14 +21,14 @@ logger = logging.getLogger(__name__)
 
 
 class ScanInputError(EdgeError):
-    """Raised when a path given to ``edge scan`` does not exist or holds no images."""
+    """Raised when a path given to ``edge scan`` does not exist or contains no images."""
 
 
 def collect_images(paths: Iterable[Path]) -> list[Path]:
     """Expand folders to their image files in name order, keeping files as given.
 
     Raises:
-        ScanInputError: A path does not exist, or a folder holds no image file.
+        ScanInputError: A path does not exist, or a folder contains no image file.
     """
     images: list[Path] = []
     for path in paths:
@@ -52,7 +53,9 @@ async def scan(config: Config, paths: Sequence[Path], output: TextIO = sys.stdou
         The number of images that could not be decoded (each is logged as an error).
     """
     images = collect_images(paths)
-    pipeline = await asyncio.to_thread(build_pipeline, config)
+    # Files given to scan are unrelated images, so no reading is carried from one to the next.
+    no_reuse = replace(config, pipeline=replace(config.pipeline, reuse_unchanged=False))
+    pipeline = await asyncio.to_thread(build_pipeline, no_reuse)
     failures = 0
     try:
         for seq, path in enumerate(images):

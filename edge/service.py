@@ -25,7 +25,7 @@ from edge.mqtt_stats import StatsCollector
 from edge.notify import Notifier, Watchdog
 from edge.pipeline import Pipeline
 from edge.publisher import MqttPublisher
-from edge.results import FrameResult, RegionStatus
+from edge.results import Frame, FrameResult, RegionStatus
 from edge.tracker import FIRST_SEEN, Tracker
 
 logger = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ async def _run_stages(
     notifier.status("loading the model")
     pipeline = await asyncio.to_thread(build_pipeline, config)
     logger.info("pipeline ready")
-    publisher = _publisher_from_config(config) if config.mqtt.enabled else None
+    publisher: MqttPublisher | None = None
 
     def observe(result: FrameResult) -> None:
         watchdog.frame_processed()
@@ -149,6 +149,7 @@ async def _run_stages(
             metrics.set_mqtt_connected(stats.connected)
 
     try:
+        publisher = _publisher_from_config(config) if config.mqtt.enabled else None
         if publisher is not None:
             notifier.status("connecting to the MQTT broker")
             await publisher.start()
@@ -181,12 +182,25 @@ async def _run_stages(
             notifier.notify("RELOADING=1", "STATUS=reloading the configuration")
         else:
             notifier.stopping("stopping: draining reads and the outbox")
+        await _close_stages(pipeline, server, publisher)
+
+
+async def _close_stages(
+    pipeline: Pipeline, server: MetricsServer | None, publisher: MqttPublisher | None
+) -> None:
+    """Stop the stages in reverse order; a failure in one is logged and the rest still stop."""
+    try:
         await pipeline.aclose()
         logger.info("pipeline stopped")
+    except Exception:
+        logger.exception("failed to stop the pipeline cleanly")
+    try:
         if server is not None:
             await server.close()
-        if publisher is not None:
-            await publisher.stop()
+    except Exception:
+        logger.exception("failed to stop the metrics endpoint cleanly")
+    if publisher is not None:
+        await publisher.stop()
 
 
 def outbox_path(config: OutboxConfig, environ: Mapping[str, str] | None = None) -> Path:
@@ -266,36 +280,49 @@ class _FrameLoop:
         self._max_frames = max_frames
         self._stdout = stdout
         self._stop_signal: int | None = None
+        self._in_frame = False
+        self._cancel_timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
         self._tracker = (
             Tracker(config.tracker, config.device.id) if config.tracker.enabled else None
         )
         self._stats = StatsCollector(config.device.id)
 
     async def run_until_stopped(self) -> None:
-        """Run the loop; SIGTERM or SIGINT cancels it and this returns normally."""
-        task = asyncio.create_task(self._run(), name="edge.frames")
-        stats_task = asyncio.create_task(self._send_stats(), name="edge.stats")
+        """Run the loop until the source ends or SIGTERM, SIGINT or a valid SIGHUP arrives."""
         loop = asyncio.get_running_loop()
+        self._task = asyncio.create_task(self._run(), name="edge.frames")
+        stats_task = asyncio.create_task(self._send_stats(), name="edge.stats")
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._request_stop, task, signum)
-        loop.add_signal_handler(signal.SIGHUP, self._request_reload, task)
+            loop.add_signal_handler(signum, self._request_stop, signum)
+        loop.add_signal_handler(signal.SIGHUP, self._request_reload)
         try:
-            await task
+            await self._task
         except asyncio.CancelledError:
-            # Only a cancellation this loop issued for a signal ends quietly; any other one
-            # belongs to the caller and propagates.
-            if self._stop_signal is None or not task.cancelled():
+            # Only a cancellation this loop issued for a signal ends quietly; one aimed at the
+            # caller's task belongs to the caller and propagates.
+            current = asyncio.current_task()
+            outside = current is not None and current.cancelling() > 0
+            if self._stop_signal is None or not self._task.cancelled() or outside:
                 raise
         finally:
             for signum in signals:
                 loop.remove_signal_handler(signum)
+            # remove_signal_handler restores the default action, and SIGHUP's default ends the
+            # process: a reload request while the run drains is ignored instead.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            if self._cancel_timer is not None:
+                self._cancel_timer.cancel()
             stats_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await stats_task
         await self._finish_tracks()
 
-    def _request_reload(self, task: asyncio.Task[None]) -> None:
+    def _request_reload(self) -> None:
+        if self._stop_signal is not None:
+            logger.info("received SIGHUP while stopping; ignored")
+            return
         source = self._config_path or "the built-in defaults"
         logger.info("received SIGHUP, reloading the configuration from %s", source)
         try:
@@ -304,13 +331,27 @@ class _FrameLoop:
             logger.error("configuration not reloaded, keeping the running one: %s", exc)
             return
         self._summary.reload_config = new_config
-        self._stop_signal = signal.SIGHUP
-        task.cancel()
+        self._stop(signal.SIGHUP)
 
-    def _request_stop(self, task: asyncio.Task[None], signum: int) -> None:
+    def _request_stop(self, signum: int) -> None:
         logger.info("received %s, stopping", signal.Signals(signum).name)
+        # A stop wins over a reload requested before it.
+        self._summary.reload_config = None
+        self._stop(signum)
+
+    def _stop(self, signum: int) -> None:
+        """End the loop: at once while it waits for a frame, else after the current frame."""
         self._stop_signal = signum
-        task.cancel()
+        task = self._task
+        if task is None:
+            return
+        if not self._in_frame:
+            task.cancel()
+        elif self._cancel_timer is None:
+            # The frame in progress gets its deadline to finish, so its result is published;
+            # past that it is cancelled.
+            grace = self._config.pipeline.frame_deadline + 1.0
+            self._cancel_timer = asyncio.get_running_loop().call_later(grace, task.cancel)
 
     async def _run(self) -> None:
         while self._max_frames is None or self._summary.frames < self._max_frames:
@@ -319,24 +360,33 @@ class _FrameLoop:
             except SourceExhausted:
                 logger.info("camera source has no more frames")
                 return
-            result = await self._pipeline.process(frame)
-            self._summary.add(result)
-            logger.debug(
-                "frame %d: %d regions in %.0f ms",
-                result.seq,
-                len(result.regions),
-                result.timings_ms["total"],
-            )
-            self._stats.add(result)
-            if self._observe is not None:
-                self._observe(result)
-            if self._publisher is not None:
-                await self._publisher.publish_frame(result)
-                if self._tracker is not None:
-                    await self._publish_events(self._tracker.update(result))
-            if self._stdout:
-                sys.stdout.write(result.to_json(self._device_id) + "\n")
-                sys.stdout.flush()
+            self._in_frame = True
+            try:
+                await self._handle(frame)
+            finally:
+                self._in_frame = False
+            if self._stop_signal is not None:
+                return
+
+    async def _handle(self, frame: Frame) -> None:
+        result = await self._pipeline.process(frame)
+        self._summary.add(result)
+        logger.debug(
+            "frame %d: %d regions in %.0f ms",
+            result.seq,
+            len(result.regions),
+            result.timings_ms["total"],
+        )
+        self._stats.add(result)
+        if self._observe is not None:
+            self._observe(result)
+        if self._publisher is not None:
+            await self._publisher.publish_frame(result)
+            if self._tracker is not None:
+                await self._publish_events(self._tracker.update(result))
+        if self._stdout:
+            sys.stdout.write(result.to_json(self._device_id) + "\n")
+            sys.stdout.flush()
 
     async def _publish_events(self, events: list[dict[str, Any]]) -> None:
         publisher = self._publisher

@@ -53,6 +53,8 @@ def test_config_file_values_and_relative_paths(tmp_path: Path) -> None:
         pytest.param({"camera": {"path": "nowhere"}}, "camera.path", id="no-camera-path"),
         pytest.param({"logging": {"levels": {"edge": "LOUD"}}}, "logging.levels.edge", id="level"),
         pytest.param({"mqtt": []}, "mqtt", id="list-for-table"),
+        pytest.param({"device": {"id": "pi/7"}}, "device.id", id="slash-in-device-id"),
+        pytest.param({"mqtt": {"topic_prefix": "edge/#"}}, "mqtt.topic_prefix", id="wildcard"),
         pytest.param({"mqtt": {"protocol": "4"}}, "mqtt.protocol", id="mqtt-protocol"),
         pytest.param({"mqtt": {"max_inflight": 0}}, "mqtt.max_inflight", id="zero-inflight"),
         pytest.param(

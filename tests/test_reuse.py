@@ -149,20 +149,45 @@ async def test_reuse_skips_failed_reads() -> None:
     assert second.regions[0].status is RegionStatus.ERROR
 
 
-async def test_reuse_full_frame_fallback_on_static_frame() -> None:
-    """With nothing detected, the full-frame decode of an unchanged frame is reused too."""
+async def test_reuse_never_applies_to_full_frame() -> None:
+    """The full-frame decode runs on every frame that needs it, even an unchanged one."""
     scene = _scene(33)
     reader = CountingCodeReader()
     options = PipelineOptions(full_frame_codes="when_none_read")
     pipeline = Pipeline(FixedDetector([]), {}, code_reader=reader, options=options)
     try:
-        first = await pipeline.process(_frame(scene.image, 0))
+        await pipeline.process(_frame(scene.image, 0))
         second = await pipeline.process(_frame(scene.image, 1))
     finally:
         await pipeline.aclose()
-    assert reader.calls == 1
-    assert [r.reused for r in second.regions] == [True] * len(first.regions)
+    assert reader.calls == 2
+    assert [r.reused for r in second.regions] == [False]
     assert {c.text for r in second.regions for c in r.reading.codes} == {scene.objects[0].value}
+
+
+async def test_reuse_moves_boxes_with_region() -> None:
+    """A code that moved a few pixels is reused with its box shifted by the same amount."""
+    scene = _scene(35)
+    region = _regions(scene)[0]
+    moved_image = np.roll(scene.image, (3, 5), axis=(0, 1))
+    box = region.box
+    moved = Region(region.class_name, region.score, Box(box.x + 5, box.y + 3, box.w, box.h))
+    reader = CountingCodeReader()
+    options = PipelineOptions(full_frame_codes="never")
+    detector = FixedDetector([region])
+    pipeline = Pipeline(detector, {region.class_name: reader}, options=options)
+    try:
+        first = await pipeline.process(_frame(scene.image, 0))
+        detector.regions = [moved]
+        second = await pipeline.process(_frame(moved_image, 1))
+    finally:
+        await pipeline.aclose()
+    first_box = first.regions[0].reading.codes[0].box
+    second_box = second.regions[0].reading.codes[0].box
+    assert second.regions[0].reused is True
+    assert first_box is not None
+    assert second_box is not None
+    assert (second_box.x - first_box.x, second_box.y - first_box.y) == (5, 3)
 
 
 def test_reuse_cache_requires_overlapping_box() -> None:
@@ -171,7 +196,9 @@ def test_reuse_cache_requires_overlapping_box() -> None:
     cache = ReuseCache()
     cache.store("text", Box(0, 0, 40, 40), signature(image), Reading())
     cache.next_frame()
-    assert cache.lookup("text", Box(0, 0, 40, 40), signature(image)) == Reading()
+    cached = cache.lookup("text", Box(0, 0, 40, 40), signature(image))
+    assert cached is not None
+    assert cached.reading == Reading()
     assert cache.lookup("text", Box(30, 30, 40, 40), signature(image)) is None
     assert cache.lookup("qr_code", Box(0, 0, 40, 40), signature(image)) is None
 
