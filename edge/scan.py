@@ -6,8 +6,8 @@ import asyncio
 import logging
 import sys
 import time
-from dataclasses import replace
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
