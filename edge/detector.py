@@ -524,7 +524,10 @@ def _open_session(model_path: Path, threads: int) -> ort.InferenceSession:
     try:
         model_bytes = model_path.read_bytes()
     except FileNotFoundError as exc:
-        msg = f"model file {model_path} not found; check detector.model_path or train one"
+        msg = (
+            f"model file {model_path} not found. Set detector.model to an ONNX file, "
+            "or train one with scripts/train_detector.py"
+        )
         raise ModelError(msg, path=str(model_path)) from exc
     except OSError as exc:
         msg = f"cannot read model file {model_path}: {exc.strerror}; check its permissions"
