@@ -30,20 +30,25 @@ def build_readers(config: Config) -> dict[str, Reader]:
     return readers
 
 
-def build_pipeline(config: Config) -> Pipeline:
-    """Load the detector and readers (warming them up) and return a ready pipeline.
-
-    This blocks for as long as the models take to load: call it from a worker thread when
-    an event loop is running.
-    """
+def build_detector(config: Config) -> Detector:
+    """Load the detector that ``config.detector`` describes, without warming it up."""
     detector_config = config.detector
-    detector = Detector(
+    return Detector(
         detector_config.model,
         labels_path=detector_config.labels,
         score_threshold=detector_config.score_threshold,
         iou_threshold=detector_config.iou_threshold,
         threads=detector_config.threads or None,
     )
+
+
+def build_pipeline(config: Config) -> Pipeline:
+    """Load the detector and readers (warming them up) and return a ready pipeline.
+
+    This blocks for as long as the models take to load: call it from a worker thread when
+    an event loop is running.
+    """
+    detector = build_detector(config)
     detector.warm_up()
     readers = build_readers(config)
     for reader in readers.values():
