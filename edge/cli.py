@@ -1,10 +1,11 @@
-"""Command line: ``edge run``, ``edge scan`` and ``edge check-config``."""
+"""Command line: ``edge run``, ``edge scan``, ``edge bench`` and ``edge check-config``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import re
 import signal
 import sys
 import tomllib
@@ -22,6 +23,9 @@ logger = logging.getLogger("edge.cli")
 _QUIET_LOGGERS = ("paho", "onnxruntime", "RapidOCR", "rapidocr_onnxruntime")
 #: Upper bound on the errors ``edge check-config`` reports for one file.
 _MAX_CONFIG_ERRORS = 100
+#: Frame sides ``edge bench --size`` accepts, in pixels. The scene generator needs 64, and
+#: 10000 is the upper bound of ``camera.width`` and ``camera.height``.
+_BENCH_SIDES = (64, 10000)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,9 +46,57 @@ def _parser() -> argparse.ArgumentParser:
     scan.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image file or folder")
     scan.add_argument("--config", type=Path, help="TOML configuration file (default: built-in)")
 
+    bench = commands.add_parser(
+        "bench", help="time the detector, OCR, code decoding and the pipeline on this device"
+    )
+    bench.add_argument("--config", type=Path, help="TOML configuration file (default: built-in)")
+    bench.add_argument(
+        "--frames",
+        type=_positive_int,
+        default=5,
+        metavar="N",
+        help="generated frames to time each stage on (default: 5)",
+    )
+    bench.add_argument(
+        "--size",
+        type=_frame_size,
+        metavar="WIDTHxHEIGHT",
+        help="frame size in pixels (default: camera.width x camera.height of the "
+        "configuration when both are set, else 1280x720)",
+    )
+    bench.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of the table"
+    )
+
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("config", type=Path, metavar="FILE")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    """Parse an argument that must be a whole number of at least 1."""
+    value: int | None
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        msg = f"invalid value {text!r}: expected a whole number of at least 1"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _frame_size(text: str) -> tuple[int, int]:
+    """Parse ``WIDTHxHEIGHT`` in pixels, such as ``1280x720``."""
+    low, high = _BENCH_SIDES
+    match = re.fullmatch(r"\s*([0-9]+)\s*[xX]\s*([0-9]+)\s*", text)
+    if match is None or not all(low <= int(side) <= high for side in match.groups()):
+        msg = (
+            f"invalid size {text!r}: expected WIDTHxHEIGHT in pixels, each side from {low} "
+            f"to {high}, such as 1280x720"
+        )
+        raise argparse.ArgumentTypeError(msg)
+    return int(match[1]), int(match[2])
 
 
 def configure_logging(config: Config | None, verbose: bool = False) -> None:
@@ -152,6 +204,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             failures = asyncio.run(scan(config, args.paths))
             return 1 if failures else 0
+        if args.command == "bench":
+            from edge.devbench import run_bench
+
+            run_bench(config, frame_count=args.frames, size=args.size, as_json=args.json)
+            return 0
         if args.max_frames is not None and args.max_frames < 1:
             print(f"edge: --max-frames must be at least 1, got {args.max_frames}", file=sys.stderr)
             return 2

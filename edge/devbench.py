@@ -1,0 +1,337 @@
+"""``edge bench``: time each stage of the pipeline on this device, on generated frames.
+
+The stages run one after another in this process, on the same frames:
+
+* ``detector``: :meth:`Detector.detect_counted` on each frame.
+* ``ocr``: the text reader on the crop of each detected region routed to it.
+* ``codes``: the code reader on the crop of each detected region routed to it.
+* ``codes_full_frame``: the code reader on each whole frame, unless
+  ``pipeline.full_frame_codes`` is ``never``.
+* ``pipeline``: :meth:`Pipeline.process` on each frame, with the configured concurrency and
+  with ``pipeline.reuse_unchanged`` turned off, so that every region is read on every frame.
+
+The stage rows call the code reader in this process. The pipeline runs it in worker
+processes, so its figures also include the hand-off of each crop to a worker, but its CPU
+time leaves out what the workers use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any, TextIO, TypeVar
+
+import numpy as np
+import onnxruntime as ort
+
+from edge import __version__
+from edge.config import Config
+from edge.errors import EdgeError
+from edge.factory import build_detector, build_pipeline, build_readers
+from edge.pipeline import MIN_REGION_SIDE
+from edge.results import Box, Frame, Image, RegionStatus
+from edge.synth import render_scene
+
+logger = logging.getLogger(__name__)
+
+#: Seed of the generated frames, so runs measure the same scenes on machines with the same
+#: fonts and library versions.
+SEED = 1
+#: Frame size when neither ``--size`` nor ``camera.width`` and ``camera.height`` set one.
+DEFAULT_SIZE = (1280, 720)
+#: Smallest frame side :func:`edge.synth.render_scene` accepts, in pixels.
+MIN_FRAME_SIDE = 64
+#: Object counts per generated frame, the same as ``scripts/bench.py`` uses.
+_LABELS = (1, 8)
+_CODES = (0, 4)
+
+#: Stage names in the order they run and are printed, with what one call covers.
+STAGES = {
+    "detector": "frame",
+    "ocr": "text region",
+    "codes": "code region",
+    "codes_full_frame": "frame",
+    "pipeline": "frame",
+}
+#: Reader name (a value of ``readers.routes``) to the stage that times its region reads.
+_READER_STAGES = {"text": "ocr", "codes": "codes"}
+
+_Result = TypeVar("_Result")
+
+
+class BenchError(EdgeError):
+    """Raised when the benchmark cannot run with the given settings."""
+
+
+@dataclass
+class StageTimes:
+    """Wall-clock seconds of each call of one stage, and the CPU seconds of all of them."""
+
+    name: str
+    unit: str
+    wall: list[float] = field(default_factory=list)
+    cpu_total: float = 0.0
+
+    def call(self, function: Callable[[Any], _Result], argument: Any) -> _Result:
+        """Call ``function(argument)`` and add its wall-clock and CPU time to this stage."""
+        cpu_started = time.process_time()
+        started = time.perf_counter()
+        result = function(argument)
+        self.wall.append(time.perf_counter() - started)
+        self.cpu_total += time.process_time() - cpu_started
+        return result
+
+    def summary(self) -> dict[str, Any]:
+        """Return the call count and times in milliseconds; times are ``None`` with no calls."""
+        calls = len(self.wall)
+        if calls == 0:
+            return {
+                "unit": self.unit,
+                "calls": 0,
+                "mean_ms": None,
+                "p50_ms": None,
+                "p95_ms": None,
+                "cpu_ms_per_call": None,
+            }
+        wall_ms = 1000 * np.asarray(self.wall)
+        return {
+            "unit": self.unit,
+            "calls": calls,
+            "mean_ms": float(wall_ms.mean()),
+            "p50_ms": float(np.percentile(wall_ms, 50)),
+            "p95_ms": float(np.percentile(wall_ms, 95)),
+            "cpu_ms_per_call": 1000 * self.cpu_total / calls,
+        }
+
+
+def frame_size(config: Config, requested: tuple[int, int] | None) -> tuple[int, int]:
+    """Return the (width, height) to measure: ``requested``, else the camera's, else 1280x720.
+
+    Raises:
+        BenchError: The configured camera size is below the 64-pixel minimum of generated
+            frames.
+    """
+    if requested is not None:
+        return requested
+    width, height = config.camera.width, config.camera.height
+    if width == 0 or height == 0:
+        return DEFAULT_SIZE
+    if min(width, height) < MIN_FRAME_SIDE:
+        msg = (
+            f"camera size {width}x{height} from the configuration is below the "
+            f"{MIN_FRAME_SIDE}-pixel minimum of generated frames; pass --size WIDTHxHEIGHT"
+        )
+        raise BenchError(msg)
+    return width, height
+
+
+def generate_frames(count: int, width: int, height: int) -> Iterator[Image]:
+    """Yield ``count`` generated scenes of labels, receipts and codes, the same on every call."""
+    rng = np.random.default_rng(SEED)
+    for _ in range(count):
+        yield render_scene(rng, width, height, labels=_LABELS, codes=_CODES).image
+
+
+def describe_device(config: Config, frame_count: int, size: tuple[int, int]) -> dict[str, Any]:
+    """Return the versions, CPUs, thread settings, model and frames the figures depend on."""
+    usable_cpus = len(os.sched_getaffinity(0))
+    detector_threads = config.detector.threads
+    return {
+        "edge_version": __version__,
+        "python_version": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus_usable": usable_cpus,
+        "cpus_total": os.cpu_count(),
+        "onnxruntime_version": ort.__version__,
+        "onnxruntime_providers": ort.get_available_providers(),
+        "threads": {
+            "detector.threads": detector_threads,
+            # Detector runs one intra-op thread per usable CPU when the setting is 0.
+            "detector_intra_op_threads": detector_threads or usable_cpus,
+            "readers.text.threads": config.readers.text.threads,
+            "pipeline.concurrency": config.pipeline.concurrency,
+        },
+        "model": str(config.detector.model),
+        "frames": {"count": frame_count, "width": size[0], "height": size[1], "seed": SEED},
+    }
+
+
+def measure_stages(config: Config, frame_count: int, size: tuple[int, int]) -> list[StageTimes]:
+    """Time the detector and each reader separately on every frame, in this thread.
+
+    Blocks while the models load and run.
+    """
+    stages = {name: StageTimes(name, unit) for name, unit in STAGES.items() if name != "pipeline"}
+    # Readers load their models lazily, so building them first leaves nothing to close if
+    # the detector fails to load.
+    readers = build_readers(config)
+    detector = build_detector(config)
+    try:
+        detector.warm_up()
+        for reader in readers.values():
+            reader.warm_up()
+        code_reader = readers.get("codes")
+        full_frame = code_reader is not None and config.pipeline.full_frame_codes != "never"
+        routes = config.readers.routes
+        for index, image in enumerate(generate_frames(frame_count, *size), start=1):
+            logger.info("timing the stages one by one: frame %d of %d", index, frame_count)
+            regions, _ = stages["detector"].call(detector.detect_counted, image)
+            for region in regions:
+                reader_name = routes.get(region.class_name)
+                box = region.box
+                # The pipeline rejects such boxes before any reader sees them.
+                if reader_name is None or min(box.w, box.h) < MIN_REGION_SIDE:
+                    continue
+                reader = readers[reader_name]
+                crop = crop_region(image, box, reader.crop_margin)
+                stages[_READER_STAGES[reader_name]].call(reader.read, crop)
+            if full_frame and code_reader is not None:
+                stages["codes_full_frame"].call(code_reader.read, image)
+    finally:
+        for reader in readers.values():
+            reader.close()
+        detector.close()
+    return list(stages.values())
+
+
+def crop_region(image: Image, box: Box, margin: float) -> Image:
+    """Cut a box out of a frame, widened on each side by ``margin`` of its width and height.
+
+    The widened box is clamped to the frame.
+    """
+    # NOTE: this repeats the crop rule of the private edge.pipeline._crop, so the readers
+    # get the same crops as in the daemon. A change to one needs the same change here.
+    height, width = image.shape[:2]
+    margin_x = round(box.w * margin)
+    margin_y = round(box.h * margin)
+    left, top = max(0, box.x - margin_x), max(0, box.y - margin_y)
+    right = min(width, box.x + box.w + margin_x)
+    bottom = min(height, box.y + box.h + margin_y)
+    return np.ascontiguousarray(image[top:bottom, left:right])
+
+
+async def measure_pipeline(
+    config: Config, frame_count: int, size: tuple[int, int]
+) -> tuple[StageTimes, dict[str, Any]]:
+    """Time :meth:`Pipeline.process` per frame, with reuse of unchanged regions turned off.
+
+    Returns:
+        The per-frame times, and the frames per second and region count per status.
+        The CPU time is this process's only, without the code reader's worker processes.
+    """
+    no_reuse = replace(config, pipeline=replace(config.pipeline, reuse_unchanged=False))
+    pipeline = await asyncio.to_thread(build_pipeline, no_reuse)
+    stage = StageTimes("pipeline", STAGES["pipeline"])
+    statuses = dict.fromkeys((status.value for status in RegionStatus), 0)
+    try:
+        # The first frame also starts the code reader's worker processes, so it is not timed.
+        warm_up = next(generate_frames(1, *size))
+        await pipeline.process(Frame(0, time.time(), warm_up, "warm-up"))
+        for seq, image in enumerate(generate_frames(frame_count, *size), start=1):
+            logger.info("timing the whole pipeline: frame %d of %d", seq, frame_count)
+            cpu_started = time.process_time()
+            started = time.perf_counter()
+            result = await pipeline.process(Frame(seq, time.time(), image, f"synth-{seq}"))
+            stage.wall.append(time.perf_counter() - started)
+            stage.cpu_total += time.process_time() - cpu_started
+            for region in result.regions:
+                statuses[region.status.value] += 1
+    finally:
+        await pipeline.aclose()
+    # Frames are processed one after another, so the rate is frames over the summed latencies,
+    # which leaves out the time spent rendering them.
+    run_seconds = sum(stage.wall)
+    figures = {
+        "frames_per_second": frame_count / run_seconds if run_seconds > 0 else None,
+        "reuse_unchanged": False,
+        "regions": statuses,
+    }
+    return stage, figures
+
+
+def run_bench(
+    config: Config,
+    *,
+    frame_count: int,
+    size: tuple[int, int] | None = None,
+    as_json: bool = False,
+    output: TextIO = sys.stdout,
+) -> dict[str, Any]:
+    """Measure every stage, write a table (or one JSON object) to ``output`` and return it.
+
+    Raises:
+        BenchError: The configured frame size is invalid.
+        EdgeError: A model or reader failed to load or to run.
+    """
+    width, height = frame_size(config, size)
+    report = describe_device(config, frame_count, (width, height))
+    logger.info("benchmark: %d generated frames of %dx%d", frame_count, width, height)
+    stages = measure_stages(config, frame_count, (width, height))
+    pipeline_stage, pipeline_figures = asyncio.run(
+        measure_pipeline(config, frame_count, (width, height))
+    )
+    stages.append(pipeline_stage)
+    report["stages"] = {stage.name: stage.summary() for stage in stages}
+    report["pipeline"] = pipeline_figures
+    if as_json:
+        output.write(json.dumps(report, indent=2) + "\n")
+    else:
+        output.write(format_report(report))
+    output.flush()
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Render a report of :func:`run_bench` as a header, a table and notes, for a terminal."""
+    threads = report["threads"]
+    frames = report["frames"]
+    pipeline = report["pipeline"]
+    lines = [
+        f"edge {report['edge_version']}, Python {report['python_version']}, "
+        f"{report['machine']}, {report['cpus_usable']} usable CPUs of {report['cpus_total']}",
+        f"onnxruntime {report['onnxruntime_version']}, available providers: "
+        + ", ".join(report["onnxruntime_providers"]),
+        f"threads: detector.threads = {threads['detector.threads']} "
+        f"({threads['detector_intra_op_threads']} intra-op threads), "
+        f"readers.text.threads = {threads['readers.text.threads']}, "
+        f"pipeline.concurrency = {threads['pipeline.concurrency']}",
+        f"model: {report['model']}",
+        f"frames: {frames['count']} generated scenes of {frames['width']}x{frames['height']} "
+        f"(seed {frames['seed']})",
+        "",
+        f"{'stage':<18}{'per':<13}{'calls':>6}{'mean ms':>10}{'p95 ms':>10}{'CPU ms/call':>13}",
+    ]
+    for name, stage in report["stages"].items():
+        lines.append(
+            f"{name:<18}{stage['unit']:<13}{stage['calls']:>6}"
+            f"{_milliseconds(stage['mean_ms']):>10}{_milliseconds(stage['p95_ms']):>10}"
+            f"{_milliseconds(stage['cpu_ms_per_call']):>13}"
+        )
+    latency = report["stages"]["pipeline"]
+    fps = pipeline["frames_per_second"]
+    regions = ", ".join(f"{count} {status}" for status, count in pipeline["regions"].items())
+    lines += [
+        "",
+        f"pipeline: {_rate(fps)} frames/s, latency p50 {_milliseconds(latency['p50_ms'])} ms, "
+        f"p95 {_milliseconds(latency['p95_ms'])} ms, reuse_unchanged off",
+        f"pipeline regions: {regions}",
+        "CPU ms/call is the CPU time of this process, all threads, per call. The code stages",
+        "run zbar in this process. The pipeline runs it in worker processes: its times include",
+        "the hand-off to them, and its CPU time leaves out what they use.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _milliseconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"

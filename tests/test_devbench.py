@@ -1,0 +1,149 @@
+"""`edge bench` as a user runs it: real detector, OCR and zbar, in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import onnxruntime
+import pytest
+from conftest import REPO
+
+import edge
+from edge.cli import main
+from edge.config import Config
+from edge.devbench import SEED, BenchError, frame_size
+
+STAGE_NAMES = ["detector", "ocr", "codes", "codes_full_frame", "pipeline"]
+# The first generated scene at this size contains text, a QR code and a barcode that the default
+# detector finds, so every stage runs on one frame.
+SIZE = (960, 540)
+
+
+def _edge(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edge", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=REPO,
+    )
+
+
+@pytest.fixture(scope="module")
+def report() -> dict[str, Any]:
+    """The JSON object of one `edge bench --json` run on one frame."""
+    completed = _edge("bench", "--frames", "1", "--size", f"{SIZE[0]}x{SIZE[1]}", "--json")
+    assert completed.returncode == 0, completed.stderr
+    parsed: dict[str, Any] = json.loads(completed.stdout)
+    return parsed
+
+
+def test_bench_json_lists_every_stage(report: dict[str, Any]) -> None:
+    assert list(report["stages"]) == STAGE_NAMES
+
+
+@pytest.mark.parametrize("name", STAGE_NAMES)
+def test_bench_json_stage_ran(report: dict[str, Any], name: str) -> None:
+    stage = report["stages"][name]
+    assert stage["calls"] > 0
+    assert stage["mean_ms"] > 0
+    assert stage["p50_ms"] > 0
+    assert stage["p95_ms"] > 0
+    assert stage["cpu_ms_per_call"] > 0
+
+
+@pytest.mark.parametrize("name", ["detector", "codes_full_frame", "pipeline"])
+def test_bench_json_frame_stages_once(report: dict[str, Any], name: str) -> None:
+    assert report["stages"][name]["calls"] == 1
+
+
+def test_bench_json_pipeline_figures(report: dict[str, Any]) -> None:
+    pipeline = report["pipeline"]
+    assert pipeline["frames_per_second"] > 0
+    assert pipeline["reuse_unchanged"] is False
+    assert set(pipeline["regions"]) == {"ok", "empty", "timeout", "error"}
+    # Every region the stage rows read is read again by the pipeline.
+    regions_read = report["stages"]["ocr"]["calls"] + report["stages"]["codes"]["calls"]
+    assert sum(pipeline["regions"].values()) >= regions_read
+
+
+def test_bench_json_header(report: dict[str, Any]) -> None:
+    assert report["edge_version"] == edge.__version__
+    assert report["python_version"] == platform.python_version()
+    assert report["machine"] == platform.machine()
+    assert report["cpus_usable"] == len(os.sched_getaffinity(0))
+    assert report["cpus_total"] == os.cpu_count()
+    assert report["onnxruntime_version"] == onnxruntime.__version__
+    assert report["onnxruntime_providers"] == onnxruntime.get_available_providers()
+    assert Path(report["model"]) == REPO / "models" / "detector.onnx"
+    assert report["frames"] == {"count": 1, "width": SIZE[0], "height": SIZE[1], "seed": SEED}
+
+
+def test_bench_json_default_threads(report: dict[str, Any]) -> None:
+    assert report["threads"] == {
+        "detector.threads": 0,
+        "detector_intra_op_threads": len(os.sched_getaffinity(0)),
+        "readers.text.threads": 1,
+        "pipeline.concurrency": 2,
+    }
+
+
+def test_bench_table_names_stages_and_settings(tmp_path: Path) -> None:
+    """The table run honours --config: its thread settings appear in the header."""
+    config = tmp_path / "edge.toml"
+    config.write_text("[detector]\nthreads = 1\n[pipeline]\nconcurrency = 1\n")
+    completed = _edge(
+        "bench", "--config", str(config), "--frames", "1", "--size", f"{SIZE[0]}x{SIZE[1]}"
+    )
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stdout.splitlines()
+    first_words = {line.split()[0] for line in lines if line.strip()}
+    for name in STAGE_NAMES:
+        assert name in first_words, name
+    assert f"onnxruntime {onnxruntime.__version__}" in completed.stdout
+    assert "detector.threads = 1 (1 intra-op threads)" in completed.stdout
+    assert "pipeline.concurrency = 1" in completed.stdout
+    assert "timing the whole pipeline" in completed.stderr
+
+
+@pytest.mark.parametrize("value", ["1280by720", "1280x", "x720", "32x720", "1280x20000", "-1x5"])
+def test_bench_bad_size_named(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", f"--size={value}"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert f"invalid size '{value}'" in error
+    assert "WIDTHxHEIGHT" in error
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "five"])
+def test_bench_bad_frames_named(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", f"--frames={value}"])
+    assert exited.value.code == 2
+    assert f"invalid value '{value}'" in capsys.readouterr().err
+
+
+def test_frame_size_precedence() -> None:
+    """--size wins over the camera size, which wins over 1280x720 when both sides are set."""
+    camera = replace(Config().camera, width=640, height=480)
+    configured = replace(Config(), camera=camera)
+    assert frame_size(configured, (320, 240)) == (320, 240)
+    assert frame_size(configured, None) == (640, 480)
+    assert frame_size(Config(), None) == (1280, 720)
+    half = replace(Config(), camera=replace(Config().camera, width=640))
+    assert frame_size(half, None) == (1280, 720)
+
+
+def test_frame_size_small_camera_rejected() -> None:
+    camera = replace(Config().camera, width=32, height=32)
+    with pytest.raises(BenchError, match="camera size 32x32"):
+        frame_size(replace(Config(), camera=camera), None)
