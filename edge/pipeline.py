@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -19,7 +20,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from edge.readers.base import Reader
+from edge.readers.base import Cancellation, Reader
 from edge.results import (
     Box,
     Code,
@@ -234,14 +235,22 @@ class Pipeline:
             if reader is None or job.crop is None or job.reused is not None:
                 continue
             name = f"edge.read.{reader.name}[{frame.seq}]"
+            read: Callable[[Image], Reading] = reader.read
+            on_cancel = None
+            # A timed-out thread cannot be killed, so a cancellable reader is told to stop
+            # and frees its thread for the next read.
+            if reader.kind == "thread" and reader.cancellable:
+                cancellation = Cancellation()
+                read = functools.partial(reader.read, cancellation=cancellation)
+                on_cancel = cancellation.cancel
             try:
                 handles[id(job)] = await self._group.go(
-                    reader.read,
+                    read,
                     job.crop,
                     kind=reader.kind,
                     name=name,
                     timeout=op_timeout or self._options.op_timeout,
-                    on_cancel=_cancel_hook(reader),
+                    on_cancel=on_cancel,
                 )
             except DeadlineExceeded:
                 handles[id(job)] = None
@@ -258,12 +267,6 @@ class Pipeline:
         for reader in readers.values():
             reader.close()
         self._detector.close()
-
-
-def _cancel_hook(reader: Reader) -> Callable[[], None] | None:
-    """Return the cancel method of a thread reader that overrides :meth:`Reader.cancel`."""
-    overridden = type(reader).cancel is not Reader.cancel
-    return reader.cancel if reader.kind == "thread" and overridden else None
 
 
 def _accept_regions(detections: Sequence[Region], seq: int) -> tuple[list[Region], int]:

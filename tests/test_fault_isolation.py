@@ -1,4 +1,4 @@
-"""Faults injected into the real code-reading worker process cost one region each."""
+"""Faults injected into the readers: each costs its own region, never the pipeline."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge.pipeline import Pipeline, PipelineOptions
+from edge.readers.base import Cancellation
 from edge.readers.codes import CodeReader
+from edge.readers.text import TextReader
 from edge.results import Box, Frame, Image, Reading, Region, RegionStatus
 from edge.synth import render_scene
 
@@ -26,7 +28,7 @@ class FaultyCodeReader(CodeReader):
     a zbar assertion failure and the hang for a decoder stuck in a loop.
     """
 
-    def read(self, image: Image) -> Reading:
+    def read(self, image: Image, cancellation: Cancellation | None = None) -> Reading:
         mark = tuple(int(v) for v in image[0, 0])
         if mark == ABORT_MARK:
             os.abort()
@@ -95,3 +97,36 @@ async def test_faulty_worker_costs_one_region_each() -> None:
     assert second.regions[0].status is RegionStatus.OK
     stats = pipeline.group.stats()
     assert stats.running == 0
+
+
+async def test_ocr_timeout_terminates_onnxruntime_run() -> None:
+    """An OCR read over its timeout is terminated, so its thread is free for the next frame.
+
+    Detection of a 1280 x 1280 region takes seconds on one thread. Without termination the
+    thread would run on past the 1 s cancel grace, and the group would count it abandoned.
+    """
+    image = np.full((1280, 1280, 3), 255, dtype=np.uint8)
+    region = Region("text", 0.9, Box(0, 0, 1280, 1280))
+    reader = TextReader(threads=1)
+    reader.warm_up()
+    options = PipelineOptions(
+        concurrency=1,
+        op_timeout=0.2,
+        frame_deadline=20.0,
+        full_frame_codes="never",
+        reuse_unchanged=False,
+    )
+    detector = FixedDetector([region])
+    pipeline = Pipeline(detector, {"text": reader}, options=options)
+    try:
+        first = await pipeline.process(Frame(0, time.time(), image, "big"))
+        stats = pipeline.group.stats()
+        detector.regions = [Region("text", 0.9, Box(0, 0, 200, 200))]
+        small = np.full((200, 200, 3), 255, dtype=np.uint8)
+        second = await pipeline.process(Frame(1, time.time(), small, "small"))
+    finally:
+        await pipeline.aclose()
+    assert first.regions[0].status is RegionStatus.TIMEOUT
+    assert stats.abandoned_in_flight == 0
+    assert stats.abandoned_finished == 0
+    assert second.regions[0].status is RegionStatus.EMPTY

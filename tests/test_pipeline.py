@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from edge.pipeline import Pipeline, PipelineOptions
-from edge.readers.base import Reader
+from edge.readers.base import Cancellation, Reader
 from edge.readers.codes import CodeReader
 from edge.readers.text import TextReader
 from edge.results import Box, Frame, Image, Origin, Reading, Region, RegionStatus
@@ -56,7 +56,7 @@ class SleepingReader(Reader):
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
 
-    def read(self, image: Image) -> Reading:
+    def read(self, image: Image, cancellation: Cancellation | None = None) -> Reading:
         time.sleep(self.seconds)
         return Reading()
 
@@ -67,7 +67,7 @@ class FailingReader(Reader):
     name = "failing"
     kind = "thread"
 
-    def read(self, image: Image) -> Reading:
+    def read(self, image: Image, cancellation: Cancellation | None = None) -> Reading:
         msg = f"cannot read a {image.shape[1]} px wide crop"
         raise ValueError(msg)
 
@@ -78,7 +78,7 @@ class AbortingReader(Reader):
     name = "aborting"
     kind = "process"
 
-    def read(self, image: Image) -> Reading:
+    def read(self, image: Image, cancellation: Cancellation | None = None) -> Reading:
         os.abort()
 
 

@@ -6,6 +6,7 @@ import difflib
 import json
 import os
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 from rapidocr_onnxruntime import RapidOCR
 
+from edge.readers.base import Cancellation, ReadCancelled
 from edge.readers.text import TextReader
 from edge.results import Image, Reading
 
@@ -65,15 +67,53 @@ def reader() -> Iterator[TextReader]:
 def detector_inputs(reader: TextReader, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
     """Record the shape of every tensor sent to the text detector session."""
     shapes: list[tuple[int, ...]] = []
-    detector = reader.engine.text_det
-    original: Callable[[Any], Any] = detector.infer
+    session = reader.engine.text_det.infer.session
+    original: Callable[..., Any] = session.run
 
-    def recording(tensor: Any) -> Any:
-        shapes.append(tuple(tensor.shape))
-        return original(tensor)
+    def recording(output_names: Any, feed: dict[str, Any], *args: Any) -> Any:
+        shapes.extend(tuple(tensor.shape) for tensor in feed.values())
+        return original(output_names, feed, *args)
 
-    monkeypatch.setattr(detector, "infer", recording)
+    monkeypatch.setattr(session, "run", recording)
     return shapes
+
+
+def test_text_reader_cancel_terminates_run(
+    reader: TextReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelling during text detection terminates the onnxruntime run itself."""
+    cancellation = Cancellation()
+    session = reader.engine.text_det.infer.session
+    original: Callable[..., Any] = session.run
+
+    def cancel_soon_then_run(output_names: Any, feed: dict[str, Any], *args: Any) -> Any:
+        threading.Timer(0.05, cancellation.cancel).start()
+        return original(output_names, feed, *args)
+
+    monkeypatch.setattr(session, "run", cancel_soon_then_run)
+    # A blank 1280 x 1280 input takes seconds to detect on one thread and finds no line, so
+    # only a terminated run can end this read with ReadCancelled.
+    blank = np.full((1280, 1280, 3), 255, dtype=np.uint8)
+    with pytest.raises(ReadCancelled) as caught:
+        reader.read(blank, cancellation)
+    assert caught.value.__cause__ is not None
+    assert "terminate" in str(caught.value.__cause__)
+
+
+def test_text_reader_cancelled_before_read(
+    reader: TextReader, detector_inputs: list[tuple[int, ...]]
+) -> None:
+    """A read whose cancellation is already set raises before any model runs."""
+    cancellation = Cancellation()
+    cancellation.cancel()
+    with pytest.raises(ReadCancelled):
+        reader.read(render_text(LABEL_LINES, (320, 160)), cancellation)
+    assert detector_inputs == []
+
+
+def test_text_reader_uncancelled_token_reads(reader: TextReader) -> None:
+    reading = reader.read(render_text(LABEL_LINES, (320, 160)), Cancellation())
+    assert [squeeze(line.text) for line in reading.lines] == [squeeze(x) for x in LABEL_LINES]
 
 
 def median_ms(function: Callable[[], object], repeats: int) -> float:

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 
 from edge.pipeline import Pipeline, PipelineOptions
-from edge.readers.base import Reader
+from edge.readers.base import Cancellation, Reader
 from edge.readers.codes import decode_codes
 from edge.results import Box, Frame, Image, Reading, Region, RegionStatus
 from edge.reuse import ReuseCache, box_iou, signature
@@ -40,7 +40,7 @@ class CountingCodeReader(Reader):
         self.calls = 0
         self.fail = fail
 
-    def read(self, image: Image) -> Reading:
+    def read(self, image: Image, cancellation: Cancellation | None = None) -> Reading:
         self.calls += 1
         if self.fail:
             msg = "decoder failed"

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from edge.errors import ImageError, ReaderError
-from edge.readers.base import OpKind, Reader
+from edge.readers.base import Cancellation, OpKind, Reader
 from edge.results import Box, Code, Image, Reading
 
 logger = logging.getLogger(__name__)
@@ -435,8 +435,11 @@ class CodeReader(Reader):
         self.symbologies = tuple(symbologies)
         self.try_harder = try_harder
 
-    def read(self, image: Image) -> Reading:
-        """Decode the codes in a crop; boxes are in crop pixels."""
+    def read(self, image: Image, cancellation: Cancellation | None = None) -> Reading:
+        """Decode the codes in a crop; boxes are in crop pixels.
+
+        ``cancellation`` is ignored: a hung decode is stopped by killing its worker process.
+        """
         return decode_codes(image, symbologies=self.symbologies, try_harder=self.try_harder)
 
     def warm_up(self) -> None:
