@@ -93,11 +93,15 @@ class TextReaderConfig:
         threads: onnxruntime intra-op threads per OCR call.
         use_angle_classifier: Run the text-direction classifier (for upside-down text).
         min_score: Lines recognised with a lower confidence (0..1) are dropped.
+        max_detect_pixels: Text regions with more pixels are downscaled to this size for
+            text detection (lines are still recognised at full resolution). Each detection
+            needs about 230 bytes of memory per pixel, so this bounds the daemon's peak.
     """
 
     threads: int = field(default=1, metadata=_bounds(1, 64))
     use_angle_classifier: bool = False
     min_score: float = field(default=0.5, metadata=_bounds(0, 1))
+    max_detect_pixels: int = field(default=300_000, metadata=_bounds(1024, 100_000_000))
 
 
 @dataclass(frozen=True)

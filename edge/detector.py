@@ -538,6 +538,9 @@ def _open_session(model_path: Path, threads: int) -> ort.InferenceSession:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
+    # Without onnxruntime's arena, a run's buffers go back to the heap, which the pipeline
+    # trims after each frame. The arena kept 12 MB more with no measurable speed gain.
+    options.enable_cpu_mem_arena = False
     try:
         return ort.InferenceSession(
             model_bytes, sess_options=options, providers=["CPUExecutionProvider"]

@@ -24,6 +24,7 @@ def build_readers(config: Config) -> dict[str, Reader]:
             threads=text.threads,
             use_angle_classifier=text.use_angle_classifier,
             min_score=text.min_score,
+            max_detect_pixels=text.max_detect_pixels,
         )
     if "codes" in wanted or config.pipeline.full_frame_codes != "never":
         readers["codes"] = CodeReader()

@@ -20,6 +20,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
+from edge.memory import trim_heap
 from edge.readers.base import Cancellation, Reader
 from edge.results import (
     Box,
@@ -132,6 +133,9 @@ class Pipeline:
         regions, rejected = _accept_regions(detections, frame.seq)
         rejected += discarded
         results = await self._read_all(frame, regions, detected_at)
+        # The frame's temporary buffers are freed by now; without this, glibc keeps them and
+        # resident memory stays at the largest frame's peak.
+        trim_heap()
         finished = time.perf_counter()
         return FrameResult(
             seq=frame.seq,

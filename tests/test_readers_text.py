@@ -116,6 +116,32 @@ def test_text_reader_uncancelled_token_reads(reader: TextReader) -> None:
     assert [squeeze(line.text) for line in reading.lines] == [squeeze(x) for x in LABEL_LINES]
 
 
+def test_text_reader_detection_pixel_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Detection of a large input runs on a downscaled copy; boxes stay in input pixels."""
+    reader = TextReader(threads=1, max_detect_pixels=120_000)
+    shapes: list[tuple[int, ...]] = []
+    session = reader.engine.text_det.infer.session
+    original: Callable[..., Any] = session.run
+
+    def recording(output_names: Any, feed: dict[str, Any], *args: Any) -> Any:
+        shapes.extend(tuple(tensor.shape) for tensor in feed.values())
+        return original(output_names, feed, *args)
+
+    monkeypatch.setattr(session, "run", recording)
+    image = render_text(LABEL_LINES, (1000, 600), font_size=44, origin=(60, 200), line_step=80)
+    reading = reader.read(image)
+
+    assert len(shapes) == 1
+    height, width = shapes[0][2:]
+    # Rounding each side to a multiple of 32 may add up to 16 pixels per side.
+    assert (height - 16) * (width - 16) <= 120_000
+    assert [squeeze(line.text) for line in reading.lines] == [squeeze(x) for x in LABEL_LINES]
+    first = reading.lines[0].box
+    assert first is not None
+    assert 40 <= first.x <= 80
+    assert 180 <= first.y <= 220
+
+
 def median_ms(function: Callable[[], object], repeats: int) -> float:
     times = []
     for _ in range(repeats):
