@@ -234,7 +234,7 @@ class Pipeline:
         self, frame: Frame, jobs: Sequence[_Job], *, op_timeout: float | None = None
     ) -> dict[int, OpResult[Reading] | None]:
         handles: dict[int, OpHandle[Reading] | None] = {}
-        for job in jobs:
+        for job in sorted(jobs, key=_estimated_cost, reverse=True):
             reader = job.reader
             if reader is None or job.crop is None or job.reused is not None:
                 continue
@@ -271,6 +271,17 @@ class Pipeline:
         for reader in readers.values():
             reader.close()
         self._detector.close()
+
+
+def _estimated_cost(job: _Job) -> float:
+    """Estimate a read's CPU time in relative units, to start the longest reads first.
+
+    With reads started longest first, the last reads of a frame are short ones, so fewer
+    slots sit idle while one long read finishes.
+    """
+    if job.reader is None or job.crop is None:
+        return 0.0
+    return float(job.crop.shape[0] * job.crop.shape[1]) * job.reader.cost_per_pixel
 
 
 def _accept_regions(detections: Sequence[Region], seq: int) -> tuple[list[Region], int]:

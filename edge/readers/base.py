@@ -93,6 +93,9 @@ class Reader(abc.ABC):
     #: passes a :class:`Cancellation` to thread readers that set this; a process reader is
     #: stopped by killing its worker instead.
     cancellable: bool = False
+    #: CPU time per crop pixel relative to the other readers, used to start the longest
+    #: reads of a frame first. Only the ratio between readers matters.
+    cost_per_pixel: float = 1.0
 
     @abc.abstractmethod
     def read(self, image: Image, cancellation: Cancellation | None = None) -> Reading:
