@@ -76,6 +76,9 @@ class DetectorConfig:
         score_threshold: Minimum confidence of a detection, 0..1.
         iou_threshold: Overlap above which non-maximum suppression drops a box, 0..1.
         threads: onnxruntime intra-op threads; 0 uses every CPU this process may use.
+        tile_scale: Frames that the model input shrinks by more than this factor are also
+            detected in four overlapping tiles (with the 416-pixel default model: frames
+            wider than 1664 pixels). 0 turns tiling off.
     """
 
     model: Path = MODELS_DIR / "detector.onnx"
@@ -83,6 +86,7 @@ class DetectorConfig:
     score_threshold: float = field(default=0.5, metadata=_bounds(0, 1))
     iou_threshold: float = field(default=0.45, metadata=_bounds(0, 1))
     threads: int = field(default=0, metadata=_bounds(0, 64))
+    tile_scale: float = field(default=4.0, metadata=_bounds(0, 100))
 
 
 @dataclass(frozen=True)
@@ -436,6 +440,9 @@ def _check_cross_fields(config: Config) -> None:
     if not model.is_file():
         msg = f"model file not found: {model}; set detector.model to an ONNX file"
         raise ConfigError(msg, key="detector.model")
+    if 0 < config.detector.tile_scale <= 1:
+        msg = f"tile_scale must be 0 (off) or above 1, got {config.detector.tile_scale}"
+        raise ConfigError(msg, key="detector.tile_scale")
     if config.detector.labels is not None and not config.detector.labels.is_file():
         msg = f"labels file not found: {config.detector.labels}"
         raise ConfigError(msg, key="detector.labels")

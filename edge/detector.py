@@ -98,11 +98,16 @@ class Detector:
             state its size.
         threads: onnxruntime intra-op threads. ``None`` means one per CPU this process may
             run on (``os.sched_getaffinity``).
+        tile_scale: Frames that the model input shrinks by more than this factor are also
+            detected in four overlapping tiles, each 60% of the frame's width and height, so
+            that small objects keep enough pixels. Costs four more model runs on such frames.
+            ``None`` never tiles.
 
     Raises:
         ModelError: The file is missing, unreadable or not a valid model, its output layout is
             not one of the three above, or the class names do not match its class count.
-        ValueError: A threshold is outside 0..1, or ``threads`` is below 1.
+        ValueError: A threshold is outside 0..1, ``threads`` is below 1 or ``tile_scale`` is
+            not above 1.
     """
 
     def __init__(
@@ -115,12 +120,17 @@ class Detector:
         iou_threshold: float = 0.45,
         input_size: tuple[int, int] | None = None,
         threads: int | None = None,
+        tile_scale: float | None = None,
     ) -> None:
         _check_fraction("score_threshold", score_threshold)
         _check_fraction("iou_threshold", iou_threshold)
         if threads is not None and threads < 1:
             msg = f"threads must be at least 1, got {threads}"
             raise ValueError(msg)
+        if tile_scale is not None and not tile_scale > 1.0:
+            msg = f"tile_scale must be above 1, got {tile_scale}"
+            raise ValueError(msg)
+        self._tile_scale = tile_scale
 
         self._model_path = Path(model_path)
         self._score_threshold = score_threshold
@@ -212,19 +222,21 @@ class Detector:
     def detect_counted(self, image: Image) -> tuple[list[Region], int]:
         """Detect regions like :meth:`detect`, also returning the number of boxes rejected."""
         _check_image(image)
-        tensor, letterbox = letterbox_image(image, self._input_size)
-        raw = self._run(tensor.astype(self._input_dtype, copy=False))
-
-        boxes, scores, class_ids = decode_output(raw, self._layout, self._score_threshold)
-        boxes = unletterbox_boxes(boxes, letterbox)
-
-        finite = np.isfinite(boxes).all(axis=1) & np.isfinite(scores)
-        known_class = (class_ids >= 0) & (class_ids < len(self._class_names))
-        keep = finite & known_class
-        rejected = int(np.count_nonzero(~keep))
-        boxes, scores, class_ids = boxes[keep], scores[keep], class_ids[keep]
-
-        if self._layout is not OutputLayout.END_TO_END:
+        boxes, scores, class_ids, rejected = self._detect_boxes(image)
+        tiles = frame_tiles(image.shape[1], image.shape[0], self._input_size, self._tile_scale)
+        if tiles:
+            found = [(boxes, scores, class_ids)]
+            for tile in tiles:
+                left, top, right, bottom = tile
+                part = np.ascontiguousarray(image[top:bottom, left:right])
+                tile_boxes, tile_scores, tile_ids, tile_rejected = self._detect_boxes(part)
+                rejected += tile_rejected
+                tile_boxes = tile_boxes + np.array([left, top, left, top], dtype=np.float32)
+                whole = ~touches_inner_edge(tile_boxes, tile, image.shape[1], image.shape[0])
+                found.append((tile_boxes[whole], tile_scores[whole], tile_ids[whole]))
+            boxes = np.concatenate([f[0] for f in found])
+            scores = np.concatenate([f[1] for f in found])
+            class_ids = np.concatenate([f[2] for f in found])
             kept = nms_by_class(boxes, scores, class_ids, self._iou_threshold)
             boxes, scores, class_ids = boxes[kept], scores[kept], class_ids[kept]
 
@@ -246,6 +258,30 @@ class Detector:
         if rejected:
             logger.debug("Detector rejected %d boxes in a %dx%d frame", rejected, width, height)
         return regions, rejected
+
+    def _detect_boxes(
+        self, image: Image
+    ) -> tuple[FloatArray, FloatArray, npt.NDArray[np.int64], int]:
+        """Run the model on one image and return boxes, scores, class ids and a reject count.
+
+        Boxes are x1, y1, x2, y2 in the image's pixels, after non-maximum suppression.
+        """
+        tensor, letterbox = letterbox_image(image, self._input_size)
+        raw = self._run(tensor.astype(self._input_dtype, copy=False))
+
+        boxes, scores, class_ids = decode_output(raw, self._layout, self._score_threshold)
+        boxes = unletterbox_boxes(boxes, letterbox)
+
+        finite = np.isfinite(boxes).all(axis=1) & np.isfinite(scores)
+        known_class = (class_ids >= 0) & (class_ids < len(self._class_names))
+        keep = finite & known_class
+        rejected = int(np.count_nonzero(~keep))
+        boxes, scores, class_ids = boxes[keep], scores[keep], class_ids[keep]
+
+        if self._layout is not OutputLayout.END_TO_END:
+            kept = nms_by_class(boxes, scores, class_ids, self._iou_threshold)
+            boxes, scores, class_ids = boxes[kept], scores[kept], class_ids[kept]
+        return boxes, scores, class_ids, rejected
 
     def _run(self, tensor: npt.NDArray[Any]) -> FloatArray:
         if self._session is None:
@@ -481,6 +517,55 @@ def nms_by_class(
         xywh.tolist(), scores.tolist(), class_ids.tolist(), -1.0, iou_threshold
     )
     return np.asarray(kept, dtype=np.int64).reshape(-1)
+
+
+#: Share of the frame's width and height that each of the four tiles covers. Neighbouring
+#: tiles overlap by 20% of the frame, so an object up to that size is whole in some tile.
+TILE_SHARE = 0.6
+#: A tile's box closer than this many pixels to a tile edge inside the frame is taken to be
+#: cut by that edge and dropped; the object is whole in another tile or in the full frame.
+TILE_EDGE_MARGIN = 2
+
+
+def frame_tiles(
+    width: int, height: int, input_size: tuple[int, int], tile_scale: float | None
+) -> list[tuple[int, int, int, int]]:
+    """Return the tiles (left, top, right, bottom) to detect in besides the whole frame.
+
+    A frame gets four tiles in a 2 x 2 grid, each :data:`TILE_SHARE` of its size, when the
+    letterbox into ``input_size`` (height, width) shrinks it by more than ``tile_scale``.
+    Otherwise, or with ``tile_scale`` ``None``, it gets none.
+    """
+    if tile_scale is None:
+        return []
+    shrink = max(height / input_size[0], width / input_size[1])
+    if shrink <= tile_scale:
+        return []
+    tile_width = round(width * TILE_SHARE)
+    tile_height = round(height * TILE_SHARE)
+    return [
+        (left, top, left + tile_width, top + tile_height)
+        for top in (0, height - tile_height)
+        for left in (0, width - tile_width)
+    ]
+
+
+def touches_inner_edge(
+    boxes: FloatArray, tile: tuple[int, int, int, int], width: int, height: int
+) -> npt.NDArray[np.bool_]:
+    """Flag frame-pixel boxes that reach a tile edge lying inside a width x height frame."""
+    left, top, right, bottom = tile
+    margin = TILE_EDGE_MARGIN
+    flags = np.zeros(len(boxes), dtype=bool)
+    if left > 0:
+        flags |= np.minimum(boxes[:, 0], boxes[:, 2]) <= left + margin
+    if top > 0:
+        flags |= np.minimum(boxes[:, 1], boxes[:, 3]) <= top + margin
+    if right < width:
+        flags |= np.maximum(boxes[:, 0], boxes[:, 2]) >= right - margin
+    if bottom < height:
+        flags |= np.maximum(boxes[:, 1], boxes[:, 3]) >= bottom - margin
+    return flags
 
 
 def clamp_boxes(boxes: FloatArray, width: int, height: int) -> npt.NDArray[np.int64]:

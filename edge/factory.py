@@ -40,6 +40,7 @@ def build_detector(config: Config) -> Detector:
         score_threshold=detector_config.score_threshold,
         iou_threshold=detector_config.iou_threshold,
         threads=detector_config.threads or None,
+        tile_scale=detector_config.tile_scale or None,
     )
 
 

@@ -73,6 +73,12 @@ def test_config_file_values_and_relative_paths(tmp_path: Path) -> None:
         pytest.param({"outbox": {"path": ""}}, "outbox.path", id="empty-outbox-path"),
         pytest.param({"tracker": {"min_iou": 1.5}}, "tracker.min_iou", id="iou-over-one"),
         pytest.param({"tracker": {"gone_after": 0}}, "tracker.gone_after", id="zero-gone-after"),
+        pytest.param({"detector": {"tile_scale": 0.5}}, "detector.tile_scale", id="tile-scale"),
+        pytest.param(
+            {"readers": {"text": {"max_detect_pixels": 10}}},
+            "readers.text.max_detect_pixels",
+            id="detect-pixels",
+        ),
     ],
 )
 def test_config_invalid_value_names_key(tmp_path: Path, data: dict[str, object], key: str) -> None:
@@ -136,3 +142,4 @@ def test_config_outbox_defaults() -> None:
     assert config.outbox.ttl == 7 * 24 * 3600.0
     assert config.outbox.drop_policy == "drop_oldest"
     assert config.mqtt.protocol == "3.1.1"
+

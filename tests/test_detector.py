@@ -16,11 +16,14 @@ from edge.detector import (
     Detector,
     OutputLayout,
     classify_output_shape,
+    frame_tiles,
     letterbox_image,
+    touches_inner_edge,
     yolov5_anchor_count,
 )
 from edge.errors import ImageError, ModelError
 from edge.results import Box
+from edge.synth import Scene, render_scene
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SIZE = 64
@@ -207,6 +210,95 @@ def test_detector_letterbox_maps_to_frame(tmp_path: Path) -> None:
     regions = detector.detect(blank(height=100, width=200))
 
     assert [region.box for region in regions] == [Box(50, 25, 100, 50)]
+
+
+def test_frame_tiles_only_above_scale() -> None:
+    # A 416-pixel input shrinks a 1280-pixel-wide frame 3.1 times, a 1920-pixel one 4.6 times.
+    assert frame_tiles(1280, 720, (416, 416), 4.0) == []
+    assert frame_tiles(1920, 1080, (416, 416), None) == []
+    assert len(frame_tiles(1920, 1080, (416, 416), 4.0)) == 4
+
+
+def test_frame_tiles_cover_frame_with_overlap() -> None:
+    tiles = frame_tiles(1920, 1080, (416, 416), 4.0)
+    assert tiles == [
+        (0, 0, 1152, 648),
+        (768, 0, 1920, 648),
+        (0, 432, 1152, 1080),
+        (768, 432, 1920, 1080),
+    ]
+
+
+def test_touches_inner_edge_ignores_frame_edges() -> None:
+    tile = (0, 0, 1152, 648)
+    boxes = np.array(
+        [
+            [0, 0, 100, 100],  # at the frame's corner: whole
+            [1100, 10, 1151, 60],  # reaches the tile's right edge, inside the frame: cut
+            [10, 600, 60, 647],  # reaches the tile's bottom edge, inside the frame: cut
+            [500, 300, 600, 400],  # inside the tile
+        ],
+        dtype=np.float32,
+    )
+    assert touches_inner_edge(boxes, tile, 1920, 1080).tolist() == [False, True, True, False]
+
+
+def test_detector_tiles_add_boxes(tmp_path: Path) -> None:
+    """A frame shrunk past tile_scale is also detected in four tiles, boxes in frame pixels.
+
+    The model finds one box at the centre of whatever it gets: the whole frame gives one at
+    the frame's centre and each 60% tile one at the tile's centre.
+    """
+    output = anchors_last([[32, 32, 8, 8, 0.9, 0.0]])
+    model = write_model(tmp_path / "v8.onnx", output, metadata={"names": NAMES})
+    frame = blank(height=1000, width=1000)
+
+    untiled = Detector(model).detect(frame)
+    tiled = Detector(model, tile_scale=4.0).detect(frame)
+
+    assert len(untiled) == 1
+    centres = sorted((r.box.x + r.box.w / 2, r.box.y + r.box.h / 2) for r in tiled)
+    expected = [(300, 300), (300, 700), (500, 500), (700, 300), (700, 700)]
+    assert len(centres) == len(expected)
+    for centre, wanted in zip(centres, expected, strict=True):
+        assert centre == pytest.approx(wanted, abs=2)
+
+
+def _covered_labels(detector: Detector, scenes: list[Scene]) -> int:
+    """Count labels of which some text box covers at least 90%."""
+    covered = 0
+    for scene in scenes:
+        boxes = [r.box for r in detector.detect(scene.image) if r.class_name == "text"]
+        for item in scene.objects:
+            if item.class_name != "text":
+                continue
+            left, top, width, height = item.box
+            best = 0.0
+            for box in boxes:
+                overlap_x = min(left + width, box.x + box.w) - max(left, box.x)
+                overlap_y = min(top + height, box.y + box.h) - max(top, box.y)
+                if overlap_x > 0 and overlap_y > 0:
+                    best = max(best, overlap_x * overlap_y / (width * height))
+            covered += best >= 0.9
+    return covered
+
+
+def test_detector_tiles_find_small_labels() -> None:
+    """On generated 1920 x 1080 scenes the bundled model finds more labels with tiles."""
+    model = REPO_ROOT / "models" / "detector.onnx"
+    rng = np.random.default_rng(2)
+    scenes = [render_scene(rng, 1920, 1080, labels=(1, 8), codes=(0, 4)) for _ in range(8)]
+
+    plain = _covered_labels(Detector(model, score_threshold=0.5), scenes)
+    tiled = _covered_labels(Detector(model, score_threshold=0.5, tile_scale=4.0), scenes)
+
+    assert tiled > plain
+
+
+def test_detector_tile_scale_validated(tmp_path: Path) -> None:
+    model = write_model(tmp_path / "v8.onnx", anchors_last([[32, 32, 8, 8, 0.9, 0.0]]))
+    with pytest.raises(ValueError, match=r"tile_scale must be above 1, got 0\.5"):
+        Detector(model, class_names=["text", "qr_code"], tile_scale=0.5)
 
 
 def test_letterbox_pads_tall_frame_with_grey() -> None:
