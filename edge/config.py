@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import socket
+import ssl
 import tomllib
 import types
 import typing
@@ -448,6 +449,45 @@ def _check_cross_fields(config: Config) -> None:
         raise ConfigError(msg, key="detector.labels")
 
 
+def _check_readable_file(path: Path, key: str) -> None:
+    if not path.is_file():
+        msg = f"file not found: {path}; set {key} to an existing file"
+        raise ConfigError(msg, key=key)
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        msg = f"cannot read {path}: {exc.strerror}; make it readable by the daemon's user"
+        raise ConfigError(msg, key=key) from exc
+
+
+def _check_tls_files(mqtt: MqttConfig) -> None:
+    """Load the CA file and the client certificate and key as the publisher will."""
+    if mqtt.ca_file is not None:
+        try:
+            ssl.create_default_context(cafile=str(mqtt.ca_file))
+        except ssl.SSLError as exc:
+            msg = f"{mqtt.ca_file} is not a PEM CA certificate ({exc.reason or exc})"
+            raise ConfigError(msg, key="mqtt.ca_file") from exc
+    if mqtt.cert_file is None or mqtt.key_file is None:
+        return
+    if b"-----BEGIN CERTIFICATE-----" not in mqtt.cert_file.read_bytes():
+        msg = f"{mqtt.cert_file} is not a PEM certificate; set mqtt.cert_file to one"
+        raise ConfigError(msg, key="mqtt.cert_file")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        # An empty password makes an encrypted key fail here instead of prompting on a
+        # terminal, which OpenSSL does when no password callback is given.
+        context.load_cert_chain(str(mqtt.cert_file), str(mqtt.key_file), password="")
+    except ssl.SSLError as exc:
+        msg = (
+            f"cannot use {mqtt.key_file} as the private key of {mqtt.cert_file} "
+            f"({exc.reason or exc}); it must be an unencrypted PEM key that matches the "
+            "certificate"
+        )
+        raise ConfigError(msg, key="mqtt.key_file") from exc
+
+
 def _check_topic_levels(config: Config) -> None:
     """Reject topic parts that MQTT forbids in a publish topic or that would add levels."""
     parts = {"device.id": config.device.id, "mqtt.topic_prefix": config.mqtt.topic_prefix}
@@ -476,9 +516,9 @@ def _check_mqtt(mqtt: MqttConfig) -> None:
         raise ConfigError(msg, key="mqtt.cert_file" if mqtt.cert_file is None else "mqtt.key_file")
     for name in ("ca_file", "cert_file", "key_file", "password_file"):
         path: Path | None = getattr(mqtt, name)
-        if path is not None and not path.is_file():
-            msg = f"file not found: {path}; set mqtt.{name} to an existing file"
-            raise ConfigError(msg, key=f"mqtt.{name}")
+        if path is not None:
+            _check_readable_file(path, f"mqtt.{name}")
+    _check_tls_files(mqtt)
     if mqtt.password_file is not None and mqtt.username is None:
         msg = "password_file needs a username; set mqtt.username"
         raise ConfigError(msg, key="mqtt.password_file")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -114,7 +116,7 @@ def test_config_is_frozen() -> None:
 
 def test_config_mqtt_and_outbox_values(tmp_path: Path) -> None:
     """TLS, authentication and outbox keys load, with paths resolved against the file."""
-    (tmp_path / "ca.pem").write_text("")
+    _make_certificate(tmp_path, "ca")
     (tmp_path / "password").write_text("")
     (tmp_path / "model.onnx").write_text("")
     path = tmp_path / "edge.toml"
@@ -143,3 +145,88 @@ def test_config_outbox_defaults() -> None:
     assert config.outbox.drop_policy == "drop_oldest"
     assert config.mqtt.protocol == "3.1.1"
 
+
+def _make_certificate(folder: Path, name: str) -> tuple[Path, Path]:
+    """Create a self-signed certificate and its unencrypted key with openssl."""
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed for the TLS configuration tests")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-keyout", f"{name}.key", "-out", f"{name}.pem", "-subj", f"/CN={name}"],
+        cwd=folder, check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    return folder / f"{name}.pem", folder / f"{name}.key"
+
+
+def test_config_tls_files_valid(tmp_path: Path) -> None:
+    cert, key = _make_certificate(tmp_path, "client")
+    mqtt = {"ca_file": str(cert), "cert_file": str(cert), "key_file": str(key)}
+    config = parse_config({"mqtt": mqtt}, base_dir=tmp_path)
+    assert config.mqtt.key_file == key
+
+
+@pytest.mark.parametrize(
+    ("broken", "key", "reason"),
+    [
+        pytest.param("ca_file", "mqtt.ca_file", "not a PEM CA certificate", id="garbage-ca"),
+        pytest.param("cert_file", "mqtt.cert_file", "not a PEM certificate", id="garbage-cert"),
+        pytest.param("key_file", "mqtt.key_file", "unencrypted PEM key", id="garbage-key"),
+    ],
+)
+def test_config_invalid_tls_file_names_key(
+    tmp_path: Path, broken: str, key: str, reason: str
+) -> None:
+    """A CA, certificate or key file that TLS cannot load is rejected at load time."""
+    cert, private_key = _make_certificate(tmp_path, "client")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("this is not PEM\n")
+    mqtt = {"ca_file": str(cert), "cert_file": str(cert), "key_file": str(private_key)}
+    mqtt[broken] = str(garbage)
+    with pytest.raises(ConfigError, match=reason) as caught:
+        parse_config({"mqtt": mqtt}, base_dir=tmp_path)
+    assert caught.value.key == key
+
+
+def test_config_key_of_other_certificate_rejected(tmp_path: Path) -> None:
+    cert, _ = _make_certificate(tmp_path, "client")
+    _, other_key = _make_certificate(tmp_path, "other")
+    mqtt = {"cert_file": str(cert), "key_file": str(other_key)}
+    with pytest.raises(ConfigError, match="matches the certificate") as caught:
+        parse_config({"mqtt": mqtt}, base_dir=tmp_path)
+    assert caught.value.key == "mqtt.key_file"
+
+
+def test_config_encrypted_key_rejected(tmp_path: Path) -> None:
+    """An encrypted key is rejected instead of making OpenSSL prompt for its password."""
+    cert, key = _make_certificate(tmp_path, "client")
+    encrypted = tmp_path / "encrypted.key"
+    subprocess.run(
+        ["openssl", "pkey", "-in", str(key), "-aes256", "-passout", "pass:secret",
+         "-out", str(encrypted)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    mqtt = {"cert_file": str(cert), "key_file": str(encrypted)}
+    with pytest.raises(ConfigError, match="unencrypted PEM key") as caught:
+        parse_config({"mqtt": mqtt}, base_dir=tmp_path)
+    assert caught.value.key == "mqtt.key_file"
+
+
+def test_config_unreadable_file_names_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A certificate the daemon's user may not read is rejected with the OS reason.
+
+    The tests run as root, which can read any file, so the permission error is raised by a
+    patched ``Path.open`` for that one file.
+    """
+    cert, key = _make_certificate(tmp_path, "client")
+    original_open = Path.open
+
+    def open_denied(self: Path, *args: object, **kwargs: object) -> object:
+        if self == key:
+            raise PermissionError(13, "Permission denied", str(self))
+        return original_open(self, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(Path, "open", open_denied)
+    mqtt = {"cert_file": str(cert), "key_file": str(key)}
+    with pytest.raises(ConfigError, match=r"cannot read .*Permission denied") as caught:
+        parse_config({"mqtt": mqtt}, base_dir=tmp_path)
+    assert caught.value.key == "mqtt.key_file"
