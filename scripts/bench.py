@@ -11,8 +11,13 @@ real images of ../shared/corpus. For each mode and set it prints frames per seco
 and p95, CPU seconds per frame (this process and its worker processes), peak resident memory
 while the mode ran, codes decoded and OCR word recall (spaces ignored, see scripts/evaluate.py).
 
+The modes share one process, so their memory figures include the models of the modes that ran
+before. The daemon's own memory is measured apart: for each set, ``edge run`` processes the
+set's frames from files in a child process while its process tree is sampled every 20 ms (peak
+RSS summed over the processes, and peak PSS, which counts shared library pages once).
+
 Usage: .venv/bin/python scripts/bench.py [--frames N] [--static N] [--corpus-limit N]
-       [--sets NAME,...] [--modes NAME,...] [--plot FILE] [--json FILE]
+       [--sets NAME,...] [--modes NAME,...] [--plot FILE] [--json FILE] [--no-daemon-memory]
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import asyncio
 import contextlib
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -220,6 +227,52 @@ async def run_pipeline(pipeline: Pipeline, samples: list[Sample], bar: tqdm) -> 
     return figures
 
 
+def daemon_memory(samples: list[Sample]) -> tuple[float, float]:
+    """Run ``edge run`` over the frames in a child process; return its peak RSS and PSS in MB.
+
+    MQTT points at a loopback port where nothing listens, so results stay in the outbox.
+    """
+    import cv2
+
+    with tempfile.TemporaryDirectory(prefix="edge-bench-") as temp:
+        folder = Path(temp)
+        frames = folder / "frames"
+        frames.mkdir()
+        for index, sample in enumerate(samples):
+            cv2.imwrite(str(frames / f"{index:04d}.png"), sample.image)
+        config = folder / "edge.toml"
+        config.write_text(
+            f'[camera]\npath = "{frames}"\nfps = 0\n'
+            f'[mqtt]\nhost = "127.0.0.1"\nport = {unused_port()}\n'
+            f'[outbox]\npath = "{folder / "outbox.sqlite3"}"\n'
+            '[logging]\nlevel = "WARNING"\n'
+        )
+        command = [sys.executable, "-m", "edge", "run", "--config", str(config)]
+        daemon = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL)
+        process = psutil.Process(daemon.pid)
+        peak_rss = peak_pss = 0
+        while daemon.poll() is None:
+            rss = pss = 0
+            for member in [process, *process.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    info = member.memory_full_info()
+                    rss, pss = rss + info.rss, pss + info.pss
+            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+            time.sleep(0.02)
+        if daemon.returncode != 0:
+            print(f"edge run exited with status {daemon.returncode}", file=sys.stderr)
+    return peak_rss / 2**20, peak_pss / 2**20
+
+
+def unused_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
 def frame_sets(args: argparse.Namespace) -> dict[str, list[Sample]]:
     wanted = set(args.sets.split(","))
     sets: dict[str, list[Sample]] = {}
@@ -263,21 +316,36 @@ async def main_async(args: argparse.Namespace) -> dict[str, dict[str, dict[str, 
                 table.setdefault(name, {})[mode] = figures.row()
             if mode != "naive":
                 await pipeline.aclose()
+        if args.daemon_memory:
+            for name, samples in sets.items():
+                bar.set_description(f"daemon memory {name}")
+                rss, pss = await asyncio.to_thread(daemon_memory, samples)
+                table[name]["daemon"] = {"peak_rss_mb": rss, "peak_pss_mb": pss}
     return table
 
 
 def print_table(table: dict[str, dict[str, dict[str, float]]]) -> None:
     header = f"{'set':<8}{'mode':<12}{'fps':>7}{'p50 ms':>9}{'p95 ms':>9}{'cpu s/f':>9}"
-    print(header + f"{'peak MB':>9}{'codes':>8}{'words':>8}{'x naive':>9}")
+    print(header + f"{'peak MB':>9}{'codes':>8}{'words':>8}{'x naive':>9}{'x seq':>7}")
     for name, modes in table.items():
         naive_fps = modes.get("naive", {}).get("fps")
+        sequential_fps = modes.get("sequential", {}).get("fps")
         for mode, row in modes.items():
+            if mode == "daemon":
+                continue
             ratio = row["fps"] / naive_fps if naive_fps else float("nan")
+            versus_sequential = row["fps"] / sequential_fps if sequential_fps else float("nan")
             print(
                 f"{name:<8}{mode:<12}{row['fps']:>7.2f}{row['p50_ms']:>9.0f}{row['p95_ms']:>9.0f}"
                 f"{row['cpu_s_per_frame']:>9.2f}{row['peak_rss_mb']:>9.0f}"
                 f"{100 * row['codes']:>7.0f}%{100 * row['word_recall']:>7.0f}%{ratio:>9.2f}"
+                f"{versus_sequential:>7.2f}"
             )
+    daemon_rows = [(name, modes["daemon"]) for name, modes in table.items() if "daemon" in modes]
+    if daemon_rows:
+        print("\ndaemon alone (edge run in a child process), peak memory of its process tree:")
+        for name, row in daemon_rows:
+            print(f"{name:<8}RSS {row['peak_rss_mb']:>6.0f} MB   PSS {row['peak_pss_mb']:>6.0f} MB")
 
 
 def plot(table: dict[str, dict[str, dict[str, float]]], path: Path) -> None:
@@ -287,7 +355,7 @@ def plot(table: dict[str, dict[str, dict[str, float]]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(table)
-    modes = sorted({m for modes in table.values() for m in modes})
+    modes = sorted({m for modes in table.values() for m in modes if m != "daemon"})
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(modes)
     for i, mode in enumerate(modes):
@@ -312,6 +380,12 @@ def main() -> int:
     parser.add_argument("--config", type=Path, help="daemon configuration for the pipeline")
     parser.add_argument("--plot", type=Path, default=Path("bench.png"))
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument(
+        "--no-daemon-memory",
+        dest="daemon_memory",
+        action="store_false",
+        help="skip the memory measurement of edge run in a child process",
+    )
     args = parser.parse_args()
     table = asyncio.run(main_async(args))
     print_table(table)
