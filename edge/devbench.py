@@ -35,8 +35,8 @@ from edge import __version__
 from edge.config import Config
 from edge.errors import EdgeError
 from edge.factory import build_detector, build_pipeline, build_readers
-from edge.pipeline import MIN_REGION_SIDE
-from edge.results import Box, Frame, Image, RegionStatus
+from edge.pipeline import MIN_REGION_SIDE, crop_with_margin
+from edge.results import Frame, Image, RegionStatus
 from edge.synth import render_scene
 
 logger = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ def measure_stages(config: Config, frame_count: int, size: tuple[int, int]) -> l
                 if reader_name is None or min(box.w, box.h) < MIN_REGION_SIDE:
                     continue
                 reader = readers[reader_name]
-                crop = crop_region(image, box, reader.crop_margin)
+                crop, _ = crop_with_margin(image, box, reader.crop_margin)
                 stages[_READER_STAGES[reader_name]].call(reader.read, crop)
             if full_frame and code_reader is not None:
                 stages["codes_full_frame"].call(code_reader.read, image)
@@ -199,22 +199,6 @@ def measure_stages(config: Config, frame_count: int, size: tuple[int, int]) -> l
             reader.close()
         detector.close()
     return list(stages.values())
-
-
-def crop_region(image: Image, box: Box, margin: float) -> Image:
-    """Cut a box out of a frame, widened on each side by ``margin`` of its width and height.
-
-    The widened box is clamped to the frame.
-    """
-    # NOTE: this repeats the crop rule of the private edge.pipeline._crop, so the readers
-    # get the same crops as in the daemon. A change to one needs the same change here.
-    height, width = image.shape[:2]
-    margin_x = round(box.w * margin)
-    margin_y = round(box.h * margin)
-    left, top = max(0, box.x - margin_x), max(0, box.y - margin_y)
-    right = min(width, box.x + box.w + margin_x)
-    bottom = min(height, box.y + box.h + margin_y)
-    return np.ascontiguousarray(image[top:bottom, left:right])
 
 
 async def measure_pipeline(

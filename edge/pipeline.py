@@ -220,7 +220,7 @@ class Pipeline:
         reader = self._routes.get(region.class_name)
         if reader is None:
             return _Job(region, None, Origin.DETECTOR)
-        crop, offset = _crop(frame.image, region.box, reader.crop_margin)
+        crop, offset = crop_with_margin(frame.image, region.box, reader.crop_margin)
         return self._with_reuse(_Job(region, reader, Origin.DETECTOR, crop, offset))
 
     def _full_frame_job(self, frame: Frame) -> _Job:
@@ -296,7 +296,13 @@ def _accept_regions(detections: Sequence[Region], seq: int) -> tuple[list[Region
     return accepted, rejected
 
 
-def _crop(image: Image, box: Box, margin: float) -> tuple[Image, tuple[int, int]]:
+def crop_with_margin(image: Image, box: Box, margin: float) -> tuple[Image, tuple[int, int]]:
+    """Cut a box out of a frame, widened on each side by ``margin`` of its width and height.
+
+    Returns:
+        The C-contiguous crop, clamped to the frame, and its top-left corner (x, y) in
+        frame pixels.
+    """
     height, width = image.shape[:2]
     margin_x = round(box.w * margin)
     margin_y = round(box.h * margin)
