@@ -14,8 +14,9 @@ import pytest
 
 from edge.camera.factory import create_camera
 from edge.camera.opencv import OpenCVCamera
-from edge.camera.simulated import SimulatedCamera, read_image, to_bgr8
+from edge.camera.simulated import SimulatedCamera, read_image
 from edge.errors import CameraError, ConfigError, ImageError, SourceExhausted
+from edge.images import to_bgr8
 from edge.results import Frame
 
 WIDTH = 64

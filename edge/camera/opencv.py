@@ -11,8 +11,8 @@ import time
 import cv2
 
 from edge.camera.base import Camera
-from edge.camera.simulated import to_bgr8
 from edge.errors import CameraError, ImageError
+from edge.images import to_bgr8
 from edge.results import Frame, Image
 
 logger = logging.getLogger(__name__)

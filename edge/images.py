@@ -1,0 +1,50 @@
+"""Conversion of decoded images and camera frames to the pixel format every stage uses."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from edge.errors import ImageError
+from edge.results import Image
+
+
+def to_bgr8(image: npt.NDArray[np.generic]) -> Image:
+    """Convert a decoded image to 3-channel uint8 BGR.
+
+    Grey images gain three equal channels and BGRA images lose alpha. 16-bit values are
+    scaled by 255/65535 with rounding, and floating-point images are taken to be in 0..1.
+
+    Raises:
+        ImageError: The image has another channel count or an unsupported dtype.
+    """
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    image = _to_uint8(image)
+
+    if image.ndim == 2:
+        return np.ascontiguousarray(cv2.cvtColor(image, cv2.COLOR_GRAY2BGR), dtype=np.uint8)
+    if image.ndim == 3 and image.shape[2] == 3:
+        return np.ascontiguousarray(image, dtype=np.uint8)
+    if image.ndim == 3 and image.shape[2] == 4:
+        return np.ascontiguousarray(cv2.cvtColor(image, cv2.COLOR_BGRA2BGR), dtype=np.uint8)
+    msg = f"cannot convert an image of shape {image.shape} to BGR; expected 1, 3 or 4 channels"
+    raise ImageError(msg)
+
+
+def _to_uint8(image: npt.NDArray[np.generic]) -> npt.NDArray[np.uint8]:
+    if image.dtype == np.uint8:
+        return image.astype(np.uint8, copy=False)
+    if image.dtype == np.uint16:
+        # Rounded division by 257 maps 0..65535 onto 0..255 exactly (65535 = 255 * 257).
+        wide = image.astype(np.uint32)
+        return ((wide + 128) // 257).astype(np.uint8)
+    if np.issubdtype(image.dtype, np.floating):
+        scaled: npt.NDArray[np.float32] = np.nan_to_num(image.astype(np.float32), nan=0.0)
+        clipped: npt.NDArray[np.float32] = np.clip(np.rint(scaled * 255.0), 0, 255)
+        return clipped.astype(np.uint8)
+    msg = (
+        f"cannot convert an image of dtype {image.dtype} to uint8; expected uint8, uint16 or float"
+    )
+    raise ImageError(msg)
