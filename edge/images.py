@@ -29,7 +29,10 @@ def to_bgr8(image: npt.NDArray[np.generic]) -> Image:
         return np.ascontiguousarray(image, dtype=np.uint8)
     if image.ndim == 3 and image.shape[2] == 4:
         return np.ascontiguousarray(cv2.cvtColor(image, cv2.COLOR_BGRA2BGR), dtype=np.uint8)
-    msg = f"cannot convert an image of shape {image.shape} to BGR; expected 1, 3 or 4 channels"
+    msg = (
+        f"cannot convert an image of shape {image.shape} to BGR; expected H x W or "
+        "H x W x C with C = 1, 3 or 4 (channels last)"
+    )
     raise ImageError(msg)
 
 

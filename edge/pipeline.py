@@ -20,6 +20,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
+from edge.images import to_bgr8
 from edge.memory import trim_heap
 from edge.readers.base import Cancellation, Reader
 from edge.results import (
@@ -123,8 +124,20 @@ class Pipeline:
         return self._group
 
     async def process(self, frame: Frame) -> FrameResult:
-        """Detect and read every region of one frame."""
+        """Detect and read every region of one frame.
+
+        Frames that are grey, BGRA, 16-bit, floating point (0..1) or not C-contiguous are
+        converted to C-contiguous 8-bit BGR first.
+
+        Raises:
+            ImageError: The frame's shape or dtype cannot be converted, for example a
+                channels-first array or an integer type other than uint8 and uint16.
+            ModelError: The detector failed on this frame.
+        """
         started = time.perf_counter()
+        image = to_bgr8(frame.image)
+        if image is not frame.image:
+            frame = replace(frame, image=image)
         loop = asyncio.get_running_loop()
         detections, discarded = await loop.run_in_executor(
             self._detect_executor, self._detector.detect_counted, frame.image
@@ -241,8 +254,8 @@ class Pipeline:
             name = f"edge.read.{reader.name}[{frame.seq}]"
             read: Callable[[Image], Reading] = reader.read
             on_cancel = None
-            # A timed-out thread cannot be killed, so a cancellable reader is told to stop
-            # and frees its thread for the next read.
+            # A timed-out thread cannot be killed, so a cancellable reader gets a cancellation
+            # request, stops its model run and frees its thread for the next read.
             if reader.kind == "thread" and reader.cancellable:
                 cancellation = Cancellation()
                 read = functools.partial(reader.read, cancellation=cancellation)

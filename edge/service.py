@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ from edge.camera.base import Camera
 from edge.camera.factory import create_camera
 from edge.config import SAMPLES_DIR, Config, OutboxConfig, load_config
 from edge.discovery import LAST_CODE, LAST_TEXT, TAG, discovery_sender
-from edge.errors import ConfigError, SourceExhausted
+from edge.errors import ConfigError, EdgeError, ImageError, ModelError, SourceExhausted
 from edge.factory import build_pipeline
 from edge.metrics import Metrics, MetricsServer
 from edge.mqtt_stats import StatsCollector
@@ -29,6 +31,9 @@ from edge.results import Frame, FrameResult, RegionStatus
 from edge.tracker import FIRST_SEEN, Tracker
 
 logger = logging.getLogger(__name__)
+
+#: Seconds between two log messages about frames the pipeline could not process.
+_FAILURE_LOG_INTERVAL = 60.0
 
 #: File name of the outbox inside the state directory.
 OUTBOX_FILE = "outbox.sqlite3"
@@ -45,6 +50,8 @@ class RunSummary:
     codes: int = 0
     lines: int = 0
     failed_regions: int = 0
+    #: Frames the pipeline could not process (an unconvertible image, a detector failure).
+    failed_frames: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
     #: The run stopped for SIGHUP with this new, already validated configuration.
     reload_config: Config | None = None
@@ -112,12 +119,13 @@ async def run_service(
         with contextlib.suppress(asyncio.CancelledError):
             await watchdog_task
     logger.info(
-        "processed %d frames: %d regions (%s), %d codes, %d text lines",
+        "processed %d frames: %d regions (%s), %d codes, %d text lines; %d frames failed",
         summary.frames,
         summary.regions,
         ", ".join(f"{k} {v}" for k, v in sorted(summary.statuses.items())) or "none",
         summary.codes,
         summary.lines,
+        summary.failed_frames,
     )
     return summary
 
@@ -287,6 +295,8 @@ class _FrameLoop:
             Tracker(config.tracker, config.device.id) if config.tracker.enabled else None
         )
         self._stats = StatsCollector(config.device.id)
+        self._failure_logged_at = -math.inf
+        self._failures_unlogged = 0
 
     async def run_until_stopped(self) -> None:
         """Run the loop until the source ends or SIGTERM, SIGINT or a valid SIGHUP arrives."""
@@ -354,7 +364,10 @@ class _FrameLoop:
             self._cancel_timer = asyncio.get_running_loop().call_later(grace, task.cancel)
 
     async def _run(self) -> None:
-        while self._max_frames is None or self._summary.frames < self._max_frames:
+        while (
+            self._max_frames is None
+            or self._summary.frames + self._summary.failed_frames < self._max_frames
+        ):
             try:
                 frame = await self._camera.read()
             except SourceExhausted:
@@ -369,7 +382,14 @@ class _FrameLoop:
                 return
 
     async def _handle(self, frame: Frame) -> None:
-        result = await self._pipeline.process(frame)
+        try:
+            result = await self._pipeline.process(frame)
+        except (ImageError, ModelError) as exc:
+            # One bad frame costs itself only. Frames that keep failing send no watchdog
+            # ping, so under systemd a persistent failure still ends in a restart.
+            self._summary.failed_frames += 1
+            self._log_failed_frame(frame, exc)
+            return
         self._summary.add(result)
         logger.debug(
             "frame %d: %d regions in %.0f ms",
@@ -387,6 +407,25 @@ class _FrameLoop:
         if self._stdout:
             sys.stdout.write(result.to_json(self._device_id) + "\n")
             sys.stdout.flush()
+
+    def _log_failed_frame(self, frame: Frame, error: EdgeError) -> None:
+        """Log a failed frame: the first at once, then at most one message a minute.
+
+        Each message carries the count of failures since the previous one, and the run
+        summary logged at exit has the total.
+        """
+        now = time.monotonic()
+        self._failures_unlogged += 1
+        if now - self._failure_logged_at < _FAILURE_LOG_INTERVAL:
+            return
+        logger.error(
+            "frame %d skipped (%d frames failed since the last message): %s",
+            frame.seq,
+            self._failures_unlogged,
+            error,
+        )
+        self._failure_logged_at = now
+        self._failures_unlogged = 0
 
     async def _publish_events(self, events: list[dict[str, Any]]) -> None:
         publisher = self._publisher

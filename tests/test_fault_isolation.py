@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
 
 import numpy as np
+import pytest
 
+from edge.camera.base import Camera
+from edge.config import Config
+from edge.errors import ImageError, SourceExhausted
 from edge.pipeline import Pipeline, PipelineOptions
 from edge.readers.base import Cancellation
 from edge.readers.codes import CodeReader
 from edge.readers.text import TextReader
-from edge.results import Box, Frame, Image, Reading, Region, RegionStatus
+from edge.results import Box, Frame, FrameResult, Image, Reading, Region, RegionStatus
+from edge.service import RunSummary, _FrameLoop
 from edge.synth import render_scene
 
 #: Crops whose top-left pixel has this BGR value make the worker abort.
@@ -130,3 +136,116 @@ async def test_ocr_timeout_terminates_onnxruntime_run() -> None:
     assert stats.abandoned_in_flight == 0
     assert stats.abandoned_finished == 0
     assert second.regions[0].status is RegionStatus.EMPTY
+
+
+class ListCamera(Camera):
+    """Hands over a fixed list of frames, then reports the source exhausted."""
+
+    def __init__(self, frames: list[Frame]) -> None:
+        self._frames = list(frames)
+
+    async def open(self) -> None:
+        pass
+
+    async def read(self) -> Frame:
+        if not self._frames:
+            msg = "no more frames"
+            raise SourceExhausted(msg)
+        return self._frames.pop(0)
+
+    async def close(self) -> None:
+        pass
+
+    @property
+    def dropped(self) -> int:
+        return 0
+
+
+def _code_scene() -> tuple[Image, Region, str]:
+    scene = render_scene(np.random.default_rng(41), labels=(0, 0), codes=(1, 1), distortions=False)
+    code = scene.objects[0]
+    region = Region(code.class_name, 0.9, Box(*(round(v) for v in code.box)))
+    return scene.image, region, code.value
+
+
+def _strided_view(image: Image) -> Image:
+    """Return a view with the same pixels whose columns are two pixels apart in memory."""
+    wide = np.zeros((image.shape[0], image.shape[1] * 2, 3), dtype=np.uint8)
+    wide[:, ::2] = image
+    view = wide[:, ::2]
+    assert not view.flags.c_contiguous
+    return view
+
+
+@pytest.mark.parametrize(
+    "convert",
+    [
+        pytest.param(lambda image: image[:, :, 0].copy(), id="grey"),
+        pytest.param(
+            lambda image: np.dstack([image, np.full(image.shape[:2], 255, np.uint8)]), id="bgra"
+        ),
+        pytest.param(lambda image: image.astype(np.float32) / 255, id="float"),
+        pytest.param(lambda image: image.astype(np.uint16) * 257, id="uint16"),
+        pytest.param(lambda image: _strided_view(image), id="non-contiguous"),
+    ],
+)
+async def test_pipeline_converts_frame_formats(convert: object) -> None:
+    """Grey, BGRA, float, 16-bit and strided frames read like the 8-bit BGR original."""
+    image, region, payload = _code_scene()
+    converted = convert(image)  # type: ignore[operator]
+    pipeline = Pipeline(
+        FixedDetector([region]),
+        {"qr_code": CodeReader(), "barcode": CodeReader()},
+        options=PipelineOptions(full_frame_codes="never", reuse_unchanged=False),
+    )
+    try:
+        result = await pipeline.process(Frame(0, time.time(), converted, "converted"))
+    finally:
+        await pipeline.aclose()
+    assert result.regions[0].status is RegionStatus.OK
+    assert [code.text for code in result.regions[0].reading.codes] == [payload]
+
+
+async def test_pipeline_channels_first_frame_rejected() -> None:
+    image, region, _ = _code_scene()
+    channels_first = np.ascontiguousarray(image.transpose(2, 0, 1))
+    pipeline = Pipeline(FixedDetector([region]), {}, options=PipelineOptions())
+    try:
+        with pytest.raises(ImageError, match=r"shape \(3, "):
+            await pipeline.process(Frame(0, time.time(), channels_first, "planar"))
+    finally:
+        await pipeline.aclose()
+
+
+async def test_service_skips_failed_frame(caplog: pytest.LogCaptureFixture) -> None:
+    """A frame the pipeline rejects is logged and skipped; the frames after it are processed."""
+    image, region, payload = _code_scene()
+    channels_first = np.ascontiguousarray(image.transpose(2, 0, 1))
+    camera = ListCamera(
+        [
+            Frame(0, time.time(), image, "good"),
+            Frame(1, time.time(), channels_first, "planar"),
+            Frame(2, time.time(), image, "good"),
+        ]
+    )
+    pipeline = Pipeline(
+        FixedDetector([region]),
+        {"qr_code": CodeReader(), "barcode": CodeReader()},
+        options=PipelineOptions(full_frame_codes="never", reuse_unchanged=False),
+    )
+    results: list[FrameResult] = []
+    summary = RunSummary()
+    frame_loop = _FrameLoop(
+        Config(), camera, pipeline, None, summary, max_frames=None, stdout=False,
+        observe=results.append,
+    )  # fmt: skip
+    try:
+        with caplog.at_level(logging.ERROR, logger="edge.service"):
+            await frame_loop.run_until_stopped()
+    finally:
+        await pipeline.aclose()
+    assert [result.seq for result in results] == [0, 2]
+    assert summary.frames == 2
+    assert summary.failed_frames == 1
+    assert "frame 1 skipped" in caplog.text
+    assert [c.text for c in results[1].regions[0].reading.codes] == [payload]
