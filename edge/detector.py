@@ -232,12 +232,20 @@ class Detector:
                 tile_boxes, tile_scores, tile_ids, tile_rejected = self._detect_boxes(part)
                 rejected += tile_rejected
                 tile_boxes = tile_boxes + np.array([left, top, left, top], dtype=np.float32)
-                whole = ~touches_inner_edge(tile_boxes, tile, image.shape[1], image.shape[0])
-                found.append((tile_boxes[whole], tile_scores[whole], tile_ids[whole]))
+                # One input pixel covers this many tile pixels.
+                shrink = max(
+                    (bottom - top) / self._input_size[0], (right - left) / self._input_size[1]
+                )
+                cut = touches_inner_edge(
+                    tile_boxes, tile, image.shape[1], image.shape[0], TILE_EDGE_MARGIN * shrink
+                )
+                found.append((tile_boxes[~cut], tile_scores[~cut], tile_ids[~cut]))
             boxes = np.concatenate([f[0] for f in found])
             scores = np.concatenate([f[1] for f in found])
             class_ids = np.concatenate([f[2] for f in found])
             kept = nms_by_class(boxes, scores, class_ids, self._iou_threshold)
+            boxes, scores, class_ids = boxes[kept], scores[kept], class_ids[kept]
+            kept = drop_contained(boxes, scores, class_ids, TILE_CONTAINED_SHARE)
             boxes, scores, class_ids = boxes[kept], scores[kept], class_ids[kept]
 
         height, width = image.shape[:2]
@@ -522,9 +530,13 @@ def nms_by_class(
 #: Share of the frame's width and height that each of the four tiles covers. Neighbouring
 #: tiles overlap by 20% of the frame, so an object up to that size is whole in some tile.
 TILE_SHARE = 0.6
-#: A tile's box closer than this many pixels to a tile edge inside the frame is taken to be
-#: cut by that edge and dropped; the object is whole in another tile or in the full frame.
-TILE_EDGE_MARGIN = 2
+#: A tile's box closer than this many model-input pixels to a tile edge inside the frame is
+#: taken to be cut by that edge and dropped. The object is whole in another tile or in the
+#: full frame. The model's boxes for cut objects often end a few input pixels short of the edge.
+TILE_EDGE_MARGIN = 8
+#: After tiling, a box of which more than this share lies inside a higher-scoring box of the
+#: same class is dropped as a part of that object.
+TILE_CONTAINED_SHARE = 0.8
 
 
 def frame_tiles(
@@ -551,11 +563,10 @@ def frame_tiles(
 
 
 def touches_inner_edge(
-    boxes: FloatArray, tile: tuple[int, int, int, int], width: int, height: int
+    boxes: FloatArray, tile: tuple[int, int, int, int], width: int, height: int, margin: float
 ) -> npt.NDArray[np.bool_]:
-    """Flag frame-pixel boxes that reach a tile edge lying inside a width x height frame."""
+    """Flag frame-pixel boxes within ``margin`` pixels of a tile edge inside the frame."""
     left, top, right, bottom = tile
-    margin = TILE_EDGE_MARGIN
     flags = np.zeros(len(boxes), dtype=bool)
     if left > 0:
         flags |= np.minimum(boxes[:, 0], boxes[:, 2]) <= left + margin
@@ -566,6 +577,34 @@ def touches_inner_edge(
     if bottom < height:
         flags |= np.maximum(boxes[:, 1], boxes[:, 3]) >= bottom - margin
     return flags
+
+
+def drop_contained(
+    boxes: FloatArray, scores: FloatArray, class_ids: npt.NDArray[np.int64], share: float
+) -> npt.NDArray[np.int64]:
+    """Return the indices of boxes not mostly inside a higher-scoring box of the same class.
+
+    A box is dropped when more than ``share`` of its area lies inside such a box. Boxes are
+    x1, y1, x2, y2; the result is ordered by score, highest first.
+    """
+    order = np.argsort(-scores, kind="stable")
+    kept: list[int] = []
+    for index in order.tolist():
+        x1, y1, x2, y2 = boxes[index]
+        area = max(float((x2 - x1) * (y2 - y1)), 1e-9)
+        contained = False
+        for other in kept:
+            if class_ids[other] != class_ids[index]:
+                continue
+            ox1, oy1, ox2, oy2 = boxes[other]
+            overlap_x = min(x2, ox2) - max(x1, ox1)
+            overlap_y = min(y2, oy2) - max(y1, oy1)
+            if overlap_x > 0 and overlap_y > 0 and overlap_x * overlap_y / area > share:
+                contained = True
+                break
+        if not contained:
+            kept.append(index)
+    return np.asarray(kept, dtype=np.int64)
 
 
 def clamp_boxes(boxes: FloatArray, width: int, height: int) -> npt.NDArray[np.int64]:

@@ -16,6 +16,7 @@ from edge.detector import (
     Detector,
     OutputLayout,
     classify_output_shape,
+    drop_contained,
     frame_tiles,
     letterbox_image,
     touches_inner_edge,
@@ -230,17 +231,48 @@ def test_frame_tiles_cover_frame_with_overlap() -> None:
 
 
 def test_touches_inner_edge_ignores_frame_edges() -> None:
-    tile = (0, 0, 1152, 648)
+    top_left = (0, 0, 1152, 648)
     boxes = np.array(
         [
             [0, 0, 100, 100],  # at the frame's corner: whole
-            [1100, 10, 1151, 60],  # reaches the tile's right edge, inside the frame: cut
-            [10, 600, 60, 647],  # reaches the tile's bottom edge, inside the frame: cut
+            [1100, 10, 1145, 60],  # 7 px from the tile's right edge, inside the frame: cut
+            [10, 600, 60, 641],  # 7 px from the tile's bottom edge, inside the frame: cut
             [500, 300, 600, 400],  # inside the tile
         ],
         dtype=np.float32,
     )
-    assert touches_inner_edge(boxes, tile, 1920, 1080).tolist() == [False, True, True, False]
+    assert touches_inner_edge(boxes, top_left, 1920, 1080, 8).tolist() == [
+        False,
+        True,
+        True,
+        False,
+    ]
+
+
+def test_touches_inner_edge_left_and_top() -> None:
+    bottom_right = (768, 432, 1920, 1080)
+    boxes = np.array(
+        [
+            [770, 500, 900, 600],  # 2 px from the tile's left edge: cut
+            [1000, 436, 1100, 500],  # 4 px from the tile's top edge: cut
+            [1800, 1000, 1920, 1080],  # at the frame's corner: whole
+        ],
+        dtype=np.float32,
+    )
+    assert touches_inner_edge(boxes, bottom_right, 1920, 1080, 8).tolist() == [True, True, False]
+
+
+def test_drop_contained_keeps_outer_box() -> None:
+    boxes = np.array(
+        [[0, 0, 100, 100], [10, 10, 50, 50], [90, 90, 200, 200], [20, 20, 40, 40]],
+        dtype=np.float32,
+    )
+    scores = np.array([0.9, 0.8, 0.7, 0.95], dtype=np.float32)
+    class_ids = np.array([0, 0, 0, 1], dtype=np.int64)
+    kept = drop_contained(boxes, scores, class_ids, 0.8)
+    # Box 1 lies inside box 0 of its class; box 3 is inside box 0 too, but of another class;
+    # box 2 overlaps box 0 by a corner only.
+    assert kept.tolist() == [3, 0, 2]
 
 
 def test_detector_tiles_add_boxes(tmp_path: Path) -> None:
@@ -289,10 +321,17 @@ def test_detector_tiles_find_small_labels() -> None:
     rng = np.random.default_rng(2)
     scenes = [render_scene(rng, 1920, 1080, labels=(1, 8), codes=(0, 4)) for _ in range(8)]
 
-    plain = _covered_labels(Detector(model, score_threshold=0.5), scenes)
-    tiled = _covered_labels(Detector(model, score_threshold=0.5, tile_scale=4.0), scenes)
+    plain_detector = Detector(model, score_threshold=0.5)
+    tiled_detector = Detector(model, score_threshold=0.5, tile_scale=4.0)
+    plain = _covered_labels(plain_detector, scenes)
+    tiled = _covered_labels(tiled_detector, scenes)
 
     assert tiled > plain
+    plain_regions = sum(len(plain_detector.detect(scene.image)) for scene in scenes)
+    tiled_regions = sum(len(tiled_detector.detect(scene.image)) for scene in scenes)
+    # Parts of objects cut by a tile edge are dropped, so the tiles add about one box per
+    # label they find, not several.
+    assert tiled_regions - plain_regions <= tiled - plain + 2
 
 
 def test_detector_tile_scale_validated(tmp_path: Path) -> None:
