@@ -108,12 +108,13 @@ async def test_faulty_worker_costs_one_region_each() -> None:
 async def test_ocr_timeout_terminates_onnxruntime_run() -> None:
     """An OCR read over its timeout is terminated, so its thread is free for the next frame.
 
-    Detection of a 1280 x 1280 region takes seconds on one thread. Without termination the
-    thread would run on past the 1 s cancel grace, and the group would count it abandoned.
+    Text detection of a 2000 x 2000 region at full size takes several seconds on one thread.
+    Without termination the thread would run on past the 1 s cancel grace, and the group would
+    count it abandoned.
     """
-    image = np.full((1280, 1280, 3), 255, dtype=np.uint8)
-    region = Region("text", 0.9, Box(0, 0, 1280, 1280))
-    reader = TextReader(threads=1)
+    image = np.full((2000, 2000, 3), 255, dtype=np.uint8)
+    region = Region("text", 0.9, Box(0, 0, 2000, 2000))
+    reader = TextReader(threads=1, max_side=2048, max_detect_pixels=5_000_000)
     reader.warm_up()
     options = PipelineOptions(
         concurrency=1,

@@ -91,8 +91,8 @@ def test_text_reader_cancel_terminates_run(
         return original(output_names, feed, *args)
 
     monkeypatch.setattr(session, "run", cancel_soon_then_run)
-    # A blank 1280 x 1280 input takes seconds to detect on one thread and finds no line, so
-    # only a terminated run can end this read with ReadCancelled.
+    # A blank 1280 x 1280 input takes most of a second to detect on one thread and finds no
+    # line, so only a terminated run can end this read with ReadCancelled.
     blank = np.full((1280, 1280, 3), 255, dtype=np.uint8)
     with pytest.raises(ReadCancelled) as caught:
         reader.read(blank, cancellation)
