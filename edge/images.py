@@ -17,8 +17,11 @@ def to_bgr8(image: npt.NDArray[np.generic]) -> Image:
     scaled by 255/65535 with rounding, and floating-point images are taken to be in 0..1.
 
     Raises:
-        ImageError: The image has another channel count or an unsupported dtype.
+        ImageError: The image is empty, or has another channel count or an unsupported dtype.
     """
+    if image.size == 0:
+        msg = f"cannot convert an empty image of shape {image.shape}; the frame has no pixels"
+        raise ImageError(msg)
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
     image = _to_uint8(image)

@@ -207,6 +207,16 @@ async def test_pipeline_converts_frame_formats(convert: object) -> None:
     assert [code.text for code in result.regions[0].reading.codes] == [payload]
 
 
+@pytest.mark.parametrize("shape", [(0, 0), (0, 640, 4), (480, 0, 3)], ids=["grey", "bgra", "bgr"])
+async def test_pipeline_empty_frame_rejected(shape: tuple[int, ...]) -> None:
+    pipeline = Pipeline(FixedDetector([]), {}, options=PipelineOptions())
+    try:
+        with pytest.raises(ImageError, match="empty image"):
+            await pipeline.process(Frame(0, time.time(), np.zeros(shape, np.uint8), "empty"))
+    finally:
+        await pipeline.aclose()
+
+
 async def test_pipeline_channels_first_frame_rejected() -> None:
     image, region, _ = _code_scene()
     channels_first = np.ascontiguousarray(image.transpose(2, 0, 1))
