@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import socket
-import ssl
 import tomllib
 import types
 import typing
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edge.errors import ConfigError
+from edge.tls import TlsFileError, build_tls_context, uses_tls
 
 #: Folder of the default detector shipped with the project (``models/`` beside ``edge/``).
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -463,29 +463,12 @@ def _check_readable_file(path: Path, key: str) -> None:
 
 def _check_tls_files(mqtt: MqttConfig) -> None:
     """Load the CA file and the client certificate and key as the publisher will."""
-    if mqtt.ca_file is not None:
-        try:
-            ssl.create_default_context(cafile=str(mqtt.ca_file))
-        except ssl.SSLError as exc:
-            msg = f"{mqtt.ca_file} is not a PEM CA certificate ({exc.reason or exc})"
-            raise ConfigError(msg, key="mqtt.ca_file") from exc
-    if mqtt.cert_file is None or mqtt.key_file is None:
+    if not (mqtt.enabled and uses_tls(mqtt)):
         return
-    if b"-----BEGIN CERTIFICATE-----" not in mqtt.cert_file.read_bytes():
-        msg = f"{mqtt.cert_file} is not a PEM certificate; set mqtt.cert_file to one"
-        raise ConfigError(msg, key="mqtt.cert_file")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
-        # An empty password makes an encrypted key fail here instead of prompting on a
-        # terminal, which OpenSSL does when no password callback is given.
-        context.load_cert_chain(str(mqtt.cert_file), str(mqtt.key_file), password="")
-    except ssl.SSLError as exc:
-        msg = (
-            f"cannot use {mqtt.key_file} as the private key of {mqtt.cert_file} "
-            f"({exc.reason or exc}); it must be an unencrypted PEM key that matches the "
-            "certificate"
-        )
-        raise ConfigError(msg, key="mqtt.key_file") from exc
+        build_tls_context(mqtt)
+    except TlsFileError as exc:
+        raise ConfigError(str(exc), key=exc.key) from exc
 
 
 def _check_topic_levels(config: Config) -> None:

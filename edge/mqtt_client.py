@@ -20,6 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge.config import MqttConfig
 from edge.errors import PublishError
+from edge.tls import TlsFileError, build_tls_context, uses_tls
 
 logger = logging.getLogger(__name__)
 
@@ -81,18 +82,13 @@ def tls_context(config: MqttConfig) -> ssl.SSLContext | None:
     Raises:
         PublishError: A certificate or key file is invalid.
     """
-    if not (config.tls or config.ca_file is not None):
+    if not uses_tls(config):
         return None
     try:
-        context = ssl.create_default_context(
-            cafile=str(config.ca_file) if config.ca_file is not None else None
-        )
-        if config.cert_file is not None and config.key_file is not None:
-            context.load_cert_chain(str(config.cert_file), str(config.key_file))
-    except (OSError, ssl.SSLError) as exc:
-        msg = f"invalid TLS files in mqtt.ca_file, cert_file or key_file: {exc}"
+        return build_tls_context(config)
+    except TlsFileError as exc:
+        msg = f"{exc.key}: {exc}"
         raise PublishError(msg) from exc
-    return context
 
 
 class _Client(mqtt.Client):

@@ -168,9 +168,9 @@ def test_config_tls_files_valid(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("broken", "key", "reason"),
     [
-        pytest.param("ca_file", "mqtt.ca_file", "not a PEM CA certificate", id="garbage-ca"),
-        pytest.param("cert_file", "mqtt.cert_file", "not a PEM certificate", id="garbage-cert"),
-        pytest.param("key_file", "mqtt.key_file", "unencrypted PEM key", id="garbage-key"),
+        pytest.param("ca_file", "mqtt.ca_file", "as PEM CA certificates", id="garbage-ca"),
+        pytest.param("cert_file", "mqtt.cert_file", "as a PEM certificate", id="garbage-cert"),
+        pytest.param("key_file", "mqtt.key_file", "as the private key", id="garbage-key"),
     ],
 )
 def test_config_invalid_tls_file_names_key(
@@ -190,7 +190,7 @@ def test_config_invalid_tls_file_names_key(
 def test_config_key_of_other_certificate_rejected(tmp_path: Path) -> None:
     cert, _ = _make_certificate(tmp_path, "client")
     _, other_key = _make_certificate(tmp_path, "other")
-    mqtt = {"cert_file": str(cert), "key_file": str(other_key)}
+    mqtt = {"tls": True, "cert_file": str(cert), "key_file": str(other_key)}
     with pytest.raises(ConfigError, match="matches the certificate") as caught:
         parse_config({"mqtt": mqtt}, base_dir=tmp_path)
     assert caught.value.key == "mqtt.key_file"
@@ -205,10 +205,45 @@ def test_config_encrypted_key_rejected(tmp_path: Path) -> None:
          "-out", str(encrypted)],
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
-    mqtt = {"cert_file": str(cert), "key_file": str(encrypted)}
-    with pytest.raises(ConfigError, match="unencrypted PEM key") as caught:
+    mqtt = {"tls": True, "cert_file": str(cert), "key_file": str(encrypted)}
+    with pytest.raises(ConfigError, match="is encrypted") as caught:
         parse_config({"mqtt": mqtt}, base_dir=tmp_path)
     assert caught.value.key == "mqtt.key_file"
+
+
+def test_config_empty_passphrase_key_rejected(tmp_path: Path) -> None:
+    """A key encrypted with an empty passphrase is rejected too, as the publisher would."""
+    cert, key = _make_certificate(tmp_path, "client")
+    encrypted = tmp_path / "empty-passphrase.key"
+    subprocess.run(
+        ["openssl", "pkcs8", "-topk8", "-in", str(key), "-passout", "pass:",
+         "-out", str(encrypted)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert b"ENCRYPTED" in encrypted.read_bytes()
+    mqtt = {"tls": True, "cert_file": str(cert), "key_file": str(encrypted)}
+    with pytest.raises(ConfigError, match="is encrypted") as caught:
+        parse_config({"mqtt": mqtt}, base_dir=tmp_path)
+    assert caught.value.key == "mqtt.key_file"
+
+
+def test_config_tls_files_unchecked_without_tls(tmp_path: Path) -> None:
+    """Certificate files that the publisher would not use (TLS off) are not parsed."""
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("this is not PEM\n")
+    mqtt = {"cert_file": str(garbage), "key_file": str(garbage)}
+    config = parse_config({"mqtt": mqtt}, base_dir=tmp_path)
+    assert config.mqtt.cert_file == garbage
+
+
+def test_config_truncated_certificate_names_cert(tmp_path: Path) -> None:
+    cert, key = _make_certificate(tmp_path, "client")
+    text = cert.read_text()
+    cert.write_text(text[: len(text) // 2] + "\n-----END CERTIFICATE-----\n")
+    mqtt = {"tls": True, "cert_file": str(cert), "key_file": str(key)}
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"mqtt": mqtt}, base_dir=tmp_path)
+    assert caught.value.key == "mqtt.cert_file"
 
 
 def test_config_unreadable_file_names_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -226,7 +261,7 @@ def test_config_unreadable_file_names_key(tmp_path: Path, monkeypatch: pytest.Mo
         return original_open(self, *args, **kwargs)  # type: ignore[call-overload]
 
     monkeypatch.setattr(Path, "open", open_denied)
-    mqtt = {"cert_file": str(cert), "key_file": str(key)}
+    mqtt = {"tls": True, "cert_file": str(cert), "key_file": str(key)}
     with pytest.raises(ConfigError, match=r"cannot read .*Permission denied") as caught:
         parse_config({"mqtt": mqtt}, base_dir=tmp_path)
     assert caught.value.key == "mqtt.key_file"
