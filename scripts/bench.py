@@ -32,9 +32,11 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -227,10 +229,14 @@ async def run_pipeline(pipeline: Pipeline, samples: list[Sample], bar: tqdm) -> 
     return figures
 
 
-def daemon_memory(samples: list[Sample]) -> tuple[float, float]:
+def daemon_memory(
+    samples: list[Sample], config_path: Path | None, timeout: float = 1800.0
+) -> tuple[float, float]:
     """Run ``edge run`` over the frames in a child process; return its peak RSS and PSS in MB.
 
-    MQTT points at a loopback port where nothing listens, so results stay in the outbox.
+    The daemon gets the benchmark's configuration file, if any, with the camera pointed at
+    the frames and MQTT at a loopback port where nothing listens, so results stay in the
+    outbox. A daemon still running after ``timeout`` seconds is killed.
     """
     import cv2
 
@@ -240,28 +246,61 @@ def daemon_memory(samples: list[Sample]) -> tuple[float, float]:
         frames.mkdir()
         for index, sample in enumerate(samples):
             cv2.imwrite(str(frames / f"{index:04d}.png"), sample.image)
+        settings = tomllib.loads(config_path.read_text("utf-8")) if config_path else {}
+        settings["camera"] = {"kind": "simulated", "path": str(frames), "fps": 0}
+        mqtt = settings.setdefault("mqtt", {})
+        mqtt.update({"host": "127.0.0.1", "port": unused_port(), "tls": False})
+        mqtt.pop("ca_file", None)
+        settings["outbox"] = {"path": str(folder / "outbox.sqlite3")}
         config = folder / "edge.toml"
-        config.write_text(
-            f'[camera]\npath = "{frames}"\nfps = 0\n'
-            f'[mqtt]\nhost = "127.0.0.1"\nport = {unused_port()}\n'
-            f'[outbox]\npath = "{folder / "outbox.sqlite3"}"\n'
-            '[logging]\nlevel = "WARNING"\n'
-        )
+        config.write_text(to_toml(settings), "utf-8")
         command = [sys.executable, "-m", "edge", "run", "--config", str(config)]
-        daemon = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL)
-        process = psutil.Process(daemon.pid)
+        log = folder / "edge.log"
+        with log.open("w") as stderr:
+            daemon = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
         peak_rss = peak_pss = 0
-        while daemon.poll() is None:
-            rss = pss = 0
-            for member in [process, *process.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):
-                    info = member.memory_full_info()
-                    rss, pss = rss + info.rss, pss + info.pss
-            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
-            time.sleep(0.02)
+        try:
+            process = psutil.Process(daemon.pid)
+            deadline = time.monotonic() + timeout
+            while daemon.poll() is None and time.monotonic() < deadline:
+                rss = pss = 0
+                for member in [process, *process.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        info = member.memory_full_info()
+                        rss, pss = rss + info.rss, pss + info.pss
+                peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+                time.sleep(0.02)
+        finally:
+            stop(daemon)
         if daemon.returncode != 0:
-            print(f"edge run exited with status {daemon.returncode}", file=sys.stderr)
+            tail = log.read_text("utf-8", "replace").splitlines()[-5:]
+            print(f"edge run exited with status {daemon.returncode}:", *tail, sep="\n  ")
     return peak_rss / 2**20, peak_pss / 2**20
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Terminate a child process that still runs, killing it if it ignores that for 30 s."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def to_toml(table: dict[str, Any], prefix: str = "") -> str:
+    """Write a parsed configuration back as TOML: strings, numbers, booleans, lists, tables."""
+    lines = []
+    for key, value in table.items():
+        if not isinstance(value, dict):
+            lines.append(f"{key} = {json.dumps(value)}")
+    for key, value in table.items():
+        if isinstance(value, dict):
+            name = f"{prefix}{key}"
+            lines.append(f"\n[{name}]")
+            lines.append(to_toml(value, f"{name}."))
+    return "\n".join(lines) + "\n"
 
 
 def unused_port() -> int:
@@ -319,7 +358,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, dict[str, dict[str, 
         if args.daemon_memory:
             for name, samples in sets.items():
                 bar.set_description(f"daemon memory {name}")
-                rss, pss = await asyncio.to_thread(daemon_memory, samples)
+                rss, pss = await asyncio.to_thread(daemon_memory, samples, args.config)
                 table[name]["daemon"] = {"peak_rss_mb": rss, "peak_pss_mb": pss}
     return table
 

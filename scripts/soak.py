@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -84,10 +85,39 @@ def broker(folder: Path) -> Iterator[int | None]:
         [binary, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
+        wait_for_port(port, process)
         yield port
     finally:
+        stop(process)
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Wait until something accepts connections on the loopback port.
+
+    Raises:
+        RuntimeError: The process ended or the port stayed closed for ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            msg = f"mosquitto exited with status {process.returncode} before listening"
+            raise RuntimeError(msg)
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.1)
+    msg = f"mosquitto is not listening on port {port} after {timeout:.0f} s"
+    raise RuntimeError(msg)
+
+
+def stop(process: subprocess.Popen[Any], grace: float = 30.0) -> None:
+    """Terminate a child process that still runs, killing it if it ignores that for ``grace`` s."""
+    if process.poll() is None:
         process.terminate()
-        process.wait(timeout=10)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def tree_memory(process: psutil.Process) -> tuple[int, int]:
@@ -150,9 +180,7 @@ def _watch(command: list[str], frames: int, report: int) -> list[Sample]:
                 )
                 next_report = (counter[0] // report + 1) * report
     finally:
-        if daemon.poll() is None:
-            daemon.terminate()
-        daemon.wait(timeout=60)
+        stop(daemon, grace=60)
     if daemon.returncode != 0:
         print(f"edge run exited with status {daemon.returncode}", file=sys.stderr)
     if counter[0] < frames:
