@@ -1,11 +1,11 @@
-"""Return the heap memory freed while a frame was processed to the operating system.
+"""Heap trimming: memory freed while a frame was processed goes back to the operating system.
 
 onnxruntime, OpenCV and NumPy allocate large temporary buffers for each frame (tens of MB for
 text detection on a big crop) through the C library's malloc. glibc keeps freed memory in its
 heaps for reuse, so the daemon's resident memory grows to the largest sum of temporaries seen
-and stays there. ``malloc_trim(0)`` hands the free pages back. On the generated 1920x1080
-scenes the OCR process stayed near 170 MB with a trim after each frame, against 250 to 290 MB
-without.
+and stays there. ``malloc_trim(0)`` hands the free pages back. Measured on 4 generated
+1920x1080 scenes (x86-64, onnxruntime 1.32, OCR and detector in one process), resident memory
+after each frame stayed near 170 MB with a trim, against 250 to 290 MB without.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes.util
+import platform
 import sys
 
 import numpy as np
@@ -11,7 +11,7 @@ import pytest
 
 from edge.memory import can_trim_heap, trim_heap
 
-GLIBC = sys.platform.startswith("linux") and ctypes.util.find_library("c") is not None
+GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 
 @pytest.mark.skipif(not GLIBC, reason="malloc_trim is a glibc function")

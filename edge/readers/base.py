@@ -20,10 +20,10 @@ class ReadCancelled(Exception):
 class Cancellation:
     """A request to stop one running read, sent from the event loop to the reading thread.
 
-    The pipeline creates one per thread-kind read and calls :meth:`cancel` when the read
-    times out. The reader registers a callback for each native call that can be interrupted
-    (an onnxruntime run, through ``RunOptions.terminate``) and checks :attr:`cancelled`
-    between calls. Thread-safe.
+    The pipeline creates one for each read by a thread-kind reader that is ``cancellable``,
+    and calls :meth:`cancel` when the read times out. The reader registers a callback for
+    each native call that can be interrupted (an onnxruntime run, through
+    ``RunOptions.terminate``) and checks :attr:`cancelled` between calls. Thread-safe.
     """
 
     def __init__(self) -> None:
@@ -54,7 +54,10 @@ class Cancellation:
 
     @contextlib.contextmanager
     def registered(self, callback: Callable[[], object]) -> Iterator[None]:
-        """Call ``callback`` on cancellation while the block runs; at once if already cancelled."""
+        """Call ``callback`` if the read is cancelled while the block runs.
+
+        If it was cancelled before, ``callback`` runs at once.
+        """
         with self._lock:
             already = self._cancelled
             if not already:

@@ -260,8 +260,8 @@ class TextReader(Reader):
     def _detect(self, image: Image, cancellation: Cancellation | None) -> list[FloatArray]:
         """Run the DB text detector and return line boxes in the image's pixels.
 
-        The detector input is the image at its own size, or downscaled to at most
-        ``max_detect_pixels``, with sides rounded to multiples of 32.
+        The detector input is the image at its own size, or downscaled to about
+        ``max_detect_pixels``, with sides rounded to the nearest multiple of 32.
         """
         height, width = image.shape[:2]
         scale = min(1.0, math.sqrt(self.max_detect_pixels / (height * width)))
