@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -206,6 +207,8 @@ def main() -> int:
     parser.add_argument("--scenes", type=int, default=40, help="distinct generated scenes")
     parser.add_argument("--report", type=int, default=250, help="frames between printed lines")
     args = parser.parse_args()
+    # SIGTERM raises SystemExit, so the daemon and mosquitto are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     samples = soak(args.frames, args.scenes, args.report)
     if not samples:
         print("no memory samples: the daemon ended at once", file=sys.stderr)
