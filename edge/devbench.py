@@ -159,6 +159,10 @@ def describe_device(config: Config, frame_count: int, size: tuple[int, int]) -> 
             "pipeline.concurrency": config.pipeline.concurrency,
         },
         "model": str(config.detector.model),
+        "settings": {
+            "detector.tile_scale": config.detector.tile_scale,
+            "readers.text.max_detect_pixels": config.readers.text.max_detect_pixels,
+        },
         "frames": {"count": frame_count, "width": size[0], "height": size[1], "seed": SEED},
     }
 
@@ -287,6 +291,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"readers.text.threads = {threads['readers.text.threads']}, "
         f"pipeline.concurrency = {threads['pipeline.concurrency']}",
         f"model: {report['model']}",
+        "speed settings: "
+        + ", ".join(f"{key} = {value}" for key, value in report["settings"].items()),
         f"frames: {frames['count']} generated scenes of {frames['width']}x{frames['height']} "
         f"(seed {frames['seed']})",
         "",

@@ -94,12 +94,16 @@ def test_bench_json_default_threads(report: dict[str, Any]) -> None:
         "readers.text.threads": 1,
         "pipeline.concurrency": 2,
     }
+    assert report["settings"] == {
+        "detector.tile_scale": 4.0,
+        "readers.text.max_detect_pixels": 300_000,
+    }
 
 
 def test_bench_table_names_stages_and_settings(tmp_path: Path) -> None:
     """The table run honours --config: its thread settings appear in the header."""
     config = tmp_path / "edge.toml"
-    config.write_text("[detector]\nthreads = 1\n[pipeline]\nconcurrency = 1\n")
+    config.write_text("[detector]\nthreads = 1\ntile_scale = 0\n[pipeline]\nconcurrency = 1\n")
     completed = _edge(
         "bench", "--config", str(config), "--frames", "1", "--size", f"{SIZE[0]}x{SIZE[1]}"
     )
@@ -111,6 +115,7 @@ def test_bench_table_names_stages_and_settings(tmp_path: Path) -> None:
     assert f"onnxruntime {onnxruntime.__version__}" in completed.stdout
     assert "detector.threads = 1 (1 intra-op threads)" in completed.stdout
     assert "pipeline.concurrency = 1" in completed.stdout
+    assert "detector.tile_scale = 0.0" in completed.stdout
     assert "timing the whole pipeline" in completed.stderr
 
 
