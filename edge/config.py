@@ -101,6 +101,8 @@ class TextReaderConfig:
         max_detect_pixels: Text regions with more pixels are downscaled to this size for
             text detection (lines are still recognised at full resolution). Each detection
             needs about 230 bytes of memory per pixel, so this bounds the daemon's peak.
+            Concurrent reads share this budget: their detections add up to at most this many
+            pixels at once.
     """
 
     threads: int = field(default=1, metadata=_bounds(1, 64))

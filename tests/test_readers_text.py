@@ -20,7 +20,7 @@ from PIL import ImageDraw, ImageFont
 from rapidocr_onnxruntime import RapidOCR
 
 from edge.readers.base import Cancellation, ReadCancelled
-from edge.readers.text import TextReader
+from edge.readers.text import PixelBudget, TextReader
 from edge.results import Image, Reading
 
 FONT_PATH = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
@@ -140,6 +140,97 @@ def test_text_reader_detection_pixel_limit(monkeypatch: pytest.MonkeyPatch) -> N
     assert first is not None
     assert 40 <= first.x <= 80
     assert 180 <= first.y <= 220
+
+
+def test_pixel_budget_fitting_reservations_overlap() -> None:
+    budget = PixelBudget(100)
+    with budget.reserve(40), budget.reserve(60):
+        assert budget.in_use == 100
+    assert budget.in_use == 0
+
+
+def test_pixel_budget_waits_when_full() -> None:
+    budget = PixelBudget(100)
+    entered = threading.Event()
+    with budget.reserve(70):
+        waiter = threading.Thread(target=lambda: _reserve_and_set(budget, 70, entered))
+        waiter.start()
+        assert not entered.wait(0.2), "a reservation that does not fit must wait"
+    assert entered.wait(5)
+    waiter.join(5)
+    assert budget.in_use == 0
+
+
+def _reserve_and_set(budget: PixelBudget, pixels: int, event: threading.Event) -> None:
+    with budget.reserve(pixels):
+        event.set()
+
+
+def test_pixel_budget_oversized_runs_alone() -> None:
+    budget = PixelBudget(100)
+    with budget.reserve(500):
+        assert budget.in_use == 100
+
+
+def test_pixel_budget_cancel_wakes_waiter() -> None:
+    budget = PixelBudget(100)
+    cancellation = Cancellation()
+    errors: list[BaseException] = []
+
+    def wait_for_pixels() -> None:
+        try:
+            with budget.reserve(80, cancellation):
+                pass
+        except ReadCancelled as exc:
+            errors.append(exc)
+
+    with budget.reserve(50):
+        waiter = threading.Thread(target=wait_for_pixels)
+        waiter.start()
+        time.sleep(0.1)
+        cancellation.cancel()
+        waiter.join(5)
+        assert not waiter.is_alive()
+        assert budget.in_use == 50
+    assert len(errors) == 1
+    assert budget.in_use == 0
+
+
+def test_text_reader_detections_share_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two reads of large crops from two threads never detect at the same time."""
+    reader = TextReader(threads=1, max_detect_pixels=120_000)
+    session = reader.engine.text_det.infer.session
+    original: Callable[..., Any] = session.run
+    lock = threading.Lock()
+    running = [0]
+    peak = [0]
+
+    def counting(output_names: Any, feed: dict[str, Any], *args: Any) -> Any:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            return original(output_names, feed, *args)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(session, "run", counting)
+    image = render_text(LABEL_LINES, (1000, 600), font_size=44, origin=(60, 200), line_step=80)
+    readings: list[Reading] = []
+    threads = [
+        threading.Thread(target=lambda: readings.append(reader.read(image))) for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(readings) == 4
+    assert peak[0] == 1
+    for reading in readings:
+        assert [squeeze(line.text) for line in reading.lines] == [squeeze(x) for x in LABEL_LINES]
 
 
 def median_ms(function: Callable[[], object], repeats: int) -> float:
