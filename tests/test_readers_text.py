@@ -19,6 +19,7 @@ from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 from rapidocr_onnxruntime import RapidOCR
 
+from edge.readers import text as text_module
 from edge.readers.base import Cancellation, ReadCancelled
 from edge.readers.text import PixelBudget, TextReader
 from edge.results import Image, Reading
@@ -482,3 +483,31 @@ def test_text_reader_receipt_lines(reader: TextReader, entry: dict[str, Any]) ->
     expected = [squeeze(text) for text in entry["expected"] if len(squeeze(text)) >= 4]
     matched = sum(best_ratio(text, lines) >= 0.8 for text in expected)
     assert matched / len(expected) >= 0.6, f"{matched} of {len(expected)} lines matched"
+
+
+@pytest.mark.skipif(not SROIE, reason="the SROIE receipts of the corpus are not present")
+def test_text_reader_rewritten_models_same_text(reader: TextReader) -> None:
+    """The rewritten models read the same lines as rapidocr's own sessions."""
+    original = TextReader(threads=1, rewrite_models=False)
+    images = [render_text(LABEL_LINES, (320, 160)), load_corpus_image(SROIE[0])]
+    for image in images:
+        expected = [line.text for line in original.read(image).lines]
+        assert expected
+        assert [line.text for line in reader.read(image).lines] == expected
+
+
+def test_text_reader_rewrite_failure_keeps_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    requested: list[list[Path]] = []
+
+    def failing(paths: list[Path]) -> None:
+        requested.append(list(paths))
+
+    monkeypatch.setattr(text_module, "rewritten_models", failing)
+    fallback = TextReader(threads=1)
+    reading = fallback.read(render_text(LABEL_LINES, (320, 160)))
+
+    assert [path.name for path in requested[0]] == [
+        "ch_PP-OCRv4_det_infer.onnx",
+        "ch_PP-OCRv4_rec_infer.onnx",
+    ]
+    assert [squeeze(line.text) for line in reading.lines] == [squeeze(x) for x in LABEL_LINES]

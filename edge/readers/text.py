@@ -21,6 +21,7 @@ import math
 import os
 import threading
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -31,6 +32,7 @@ import onnxruntime as ort
 from edge.errors import ImageError, ReaderError
 from edge.memory import trim_heap
 from edge.readers.base import Cancellation, OpKind, ReadCancelled, Reader
+from edge.readers.graph import rewritten_models
 from edge.results import Box, Image, Reading, TextLine
 
 logger = logging.getLogger(__name__)
@@ -92,6 +94,9 @@ class TextReader(Reader):
             It is also the reader's budget for concurrent reads: the detector inputs of all
             running detections add up to at most ``max_detect_pixels``, and a detection
             that does not fit waits until the others end.
+        rewrite_models: Run the models with the exact graph rewrites of
+            :mod:`edge.readers.graph`, which make detection and recognition faster. The
+            rewrite runs once, in a child process, when the models load.
     """
 
     name = "text"
@@ -107,6 +112,7 @@ class TextReader(Reader):
         max_side: int = 1280,
         single_line_aspect: float = 4.0,
         max_detect_pixels: int = 1_000_000,
+        rewrite_models: bool = True,
     ) -> None:
         if threads < 1:
             msg = f"threads must be at least 1, got {threads}"
@@ -135,6 +141,7 @@ class TextReader(Reader):
         self.max_side = max_side
         self.single_line_aspect = single_line_aspect
         self.max_detect_pixels = max_detect_pixels
+        self.rewrite_models = rewrite_models
         self._engine: Any = None
         self._engine_lock = threading.Lock()
         self._detect_budget = PixelBudget(max_detect_pixels)
@@ -170,8 +177,39 @@ class TextReader(Reader):
             det_limit_side_len=self.max_side,
             max_side_len=self.max_side,
         )
+        if self.rewrite_models:
+            self._use_rewritten_models(engine)
         logger.info("OCR models loaded")
         return engine
+
+    def _use_rewritten_models(self, engine: Any) -> None:
+        """Replace rapidocr's onnxruntime sessions with ones on rewritten graphs.
+
+        See :mod:`edge.readers.graph`. Without the rewrite, on x86-64 with one thread,
+        recognition of a 48 x 320 line took 19.9 ms instead of 15.8 ms, and detection on
+        640 x 480 pixels took 82 ms instead of 72 ms. If the rewrite fails, rapidocr's
+        sessions stay in use.
+        """
+        from rapidocr_onnxruntime.main import DEFAULT_CFG_PATH
+        from rapidocr_onnxruntime.utils import read_yaml
+        from rapidocr_onnxruntime.utils.parse_parameters import update_model_path
+
+        paths = update_model_path(read_yaml(str(DEFAULT_CFG_PATH)))
+        holders = {"Det": engine.text_det.infer, "Rec": engine.text_rec.session}
+        if self.use_angle_classifier:
+            holders["Cls"] = engine.text_cls.infer
+        models = rewritten_models([Path(paths[key]["model_path"]) for key in holders])
+        if models is None:
+            return
+        options = ort.SessionOptions()
+        options.enable_cpu_mem_arena = False
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        for holder, model in zip(holders.values(), models, strict=True):
+            holder.session = ort.InferenceSession(
+                model, sess_options=options, providers=["CPUExecutionProvider"]
+            )
 
     def warm_up(self) -> None:
         """Load the models and run detection and recognition once on blank images."""
@@ -304,7 +342,8 @@ class TextReader(Reader):
             f"TextReader(threads={self.threads}, "
             f"use_angle_classifier={self.use_angle_classifier}, min_score={self.min_score}, "
             f"max_side={self.max_side}, single_line_aspect={self.single_line_aspect}, "
-            f"max_detect_pixels={self.max_detect_pixels})"
+            f"max_detect_pixels={self.max_detect_pixels}, "
+            f"rewrite_models={self.rewrite_models})"
         )
 
 
