@@ -101,14 +101,17 @@ class TextReaderConfig:
         max_detect_pixels: Text regions with more pixels are downscaled to this size for
             text detection (lines are still recognised at full resolution). Each detection
             needs about 230 bytes of memory per pixel, so this bounds the daemon's peak.
-            Concurrent reads share this budget: their detections add up to at most this many
-            pixels at once.
+            Concurrent reads share this budget: their detections add up to about this many
+            pixels at most at once.
+        rewrite_models: Run the OCR models with exact graph rewrites that make them faster
+            (``edge/readers/graph.py``). Turn it off only to compare or to rule it out.
     """
 
     threads: int = field(default=1, metadata=_bounds(1, 64))
     use_angle_classifier: bool = False
     min_score: float = field(default=0.5, metadata=_bounds(0, 1))
     max_detect_pixels: int = field(default=300_000, metadata=_bounds(1024, 100_000_000))
+    rewrite_models: bool = True
 
 
 @dataclass(frozen=True)

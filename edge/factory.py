@@ -25,6 +25,7 @@ def build_readers(config: Config) -> dict[str, Reader]:
             use_angle_classifier=text.use_angle_classifier,
             min_score=text.min_score,
             max_detect_pixels=text.max_detect_pixels,
+            rewrite_models=text.rewrite_models,
         )
     if "codes" in wanted or config.pipeline.full_frame_codes != "never":
         readers["codes"] = CodeReader()

@@ -265,3 +265,13 @@ def test_config_unreadable_file_names_key(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(ConfigError, match=r"cannot read .*Permission denied") as caught:
         parse_config({"mqtt": mqtt}, base_dir=tmp_path)
     assert caught.value.key == "mqtt.key_file"
+
+
+def test_config_rewrite_models_reaches_reader() -> None:
+    from edge.factory import build_readers
+
+    config = parse_config({"readers": {"text": {"rewrite_models": False}}})
+    reader = build_readers(config)["text"]
+
+    assert config.readers.text.rewrite_models is False
+    assert getattr(reader, "rewrite_models", None) is False

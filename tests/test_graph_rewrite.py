@@ -204,3 +204,49 @@ def test_rewritten_models_malformed_output(caplog: pytest.LogCaptureFixture) -> 
 
     assert blobs is None
     assert "malformed" in caplog.text
+
+
+def test_rewrite_keeps_scalar_of_higher_rank() -> None:
+    """A one-element constant of rank 5 broadcasts the result to rank 5, so it stays."""
+    nodes = [
+        *conv("c", "x", "c1", kernel=1, pads=0),
+        constant("s", np.full((1, 1, 1, 1, 1), 2.0, dtype=np.float32)),
+        scalar("t", 1.0),
+        helper.make_node("Mul", ["c1", "s"], ["m"]),
+        helper.make_node("Add", ["m", "t"], ["y"]),
+    ]
+    model = model_of(nodes)
+    model.graph.output[0].CopyFrom(
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 8, 8])
+    )
+
+    assert rewrite(model).total == 0
+    assert op_types(model) == ["Conv", "Mul", "Add"]
+
+
+def test_rewrite_skips_graph_with_subgraph() -> None:
+    branch_nodes = [*conv("c", "x", "c1", kernel=1, pads=0), *affine("lab", "c1", "out", 2.0, 1.0)]
+    branch = helper.make_graph(
+        branch_nodes, "branch", [], [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)]
+    )
+    nodes = [
+        constant("flag", np.array(True)),
+        helper.make_node("If", ["flag"], ["y"], then_branch=branch, else_branch=branch),
+    ]
+    model = model_of(nodes)
+
+    assert rewrite(model).total == 0
+    assert op_types(model) == ["If"]
+
+
+def test_rewritten_models_ignore_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A module in the working directory cannot shadow one the rewriting child imports."""
+    (tmp_path / "numpy.py").write_text("raise ImportError('numpy shadowed')\n", "utf-8")
+    monkeypatch.chdir(tmp_path)
+
+    models = rewritten_models([MODELS / "ch_ppocr_mobile_v2.0_cls_infer.onnx"])
+
+    assert models is not None
+    assert len(models) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 import statistics
 import threading
@@ -511,3 +512,48 @@ def test_text_reader_rewrite_failure_keeps_models(monkeypatch: pytest.MonkeyPatc
         "ch_PP-OCRv4_rec_infer.onnx",
     ]
     assert [squeeze(line.text) for line in reading.lines] == [squeeze(x) for x in LABEL_LINES]
+
+
+def test_text_reader_rewrite_flag_set(reader: TextReader) -> None:
+    assert reader.models_rewritten is True
+    assert TextReader(threads=1, rewrite_models=False).engine is not None
+
+
+def test_text_reader_invalid_rewrite_falls_back(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rewritten models that onnxruntime cannot load leave rapidocr's sessions in use."""
+
+    def malformed(paths: list[Path]) -> list[bytes]:
+        return [b"not an onnx model" for _ in paths]
+
+    monkeypatch.setattr(text_module, "rewritten_models", malformed)
+    fallback = TextReader(threads=1)
+    with caplog.at_level(logging.WARNING, logger="edge.readers.text"):
+        reading = fallback.read(render_text(LABEL_LINES, (320, 160)))
+
+    assert fallback.models_rewritten is False
+    assert "OCR model rewrite failed" in caplog.text
+    assert [squeeze(line.text) for line in reading.lines] == [squeeze(x) for x in LABEL_LINES]
+
+
+def test_pixel_budget_grants_in_arrival_order() -> None:
+    """A small reservation that arrives after a waiting large one does not overtake it."""
+    budget = PixelBudget(100)
+    order: list[str] = []
+
+    def take(name: str, pixels: int) -> None:
+        with budget.reserve(pixels):
+            order.append(name)
+
+    with budget.reserve(60):
+        large = threading.Thread(target=take, args=("large", 80))
+        large.start()
+        time.sleep(0.1)
+        small = threading.Thread(target=take, args=("small", 30))
+        small.start()
+        time.sleep(0.1)
+        assert order == []
+    large.join(5)
+    small.join(5)
+    assert order == ["large", "small"]

@@ -21,7 +21,6 @@ Outputs differ from the original graph's by float rounding only (about 1e-6).
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 from collections.abc import Iterable, Sequence
@@ -88,9 +87,13 @@ class _Graph:
         return readers[0]
 
     def scalar(self, name: str) -> float | None:
-        """Return the value of a one-element constant tensor, or ``None``."""
+        """Return the value of a one-element constant of rank 0 or 1, or ``None``.
+
+        A constant of higher rank could raise the rank of the result by broadcasting, which a
+        fold would lose.
+        """
         value = self.constants.get(name)
-        if value is None or value.size != 1:
+        if value is None or value.size != 1 or value.ndim > 1:
             return None
         return float(value.reshape(-1)[0])
 
@@ -126,7 +129,17 @@ class _Graph:
 
 
 def rewrite(model: Any) -> RewriteCounts:
-    """Rewrite an ``onnx.ModelProto`` in place (see the module docstring); return the counts."""
+    """Rewrite an ``onnx.ModelProto`` in place (see the module docstring); return the counts.
+
+    A graph with subgraphs (``If``, ``Loop``) is left as it is, because the consumer index
+    does not see the tensors those subgraphs read.
+    """
+    from onnx import AttributeProto
+
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if attribute.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS):
+                return RewriteCounts(0, 0, 0)
     graph = _Graph(model)
     conv_then_affine = _fold_conv_then_affine(graph)
     affine_then_conv = _fold_affine_then_conv(graph)
@@ -291,22 +304,21 @@ def rewritten_models(paths: Sequence[Path], timeout: float = 120.0) -> list[byte
     """Rewrite ONNX model files in a child process; return the models or ``None`` on failure.
 
     The ``onnx`` package adds about 16 MB to a process that imports it, and loading and
-    rewriting a model holds copies of its weights, so a short-lived child process does the
+    rewriting a model makes copies of its weights, so a short-lived child process does the
     rewriting and the daemon keeps none of that memory. On
     failure (``onnx`` missing, an unreadable model, a timeout) it logs a warning and returns
     ``None``, so the caller keeps the original models.
     """
-    command = [sys.executable, "-m", "edge.readers.graph", *map(str, paths)]
-    # The child must import this package even where it is not installed.
+    # -P keeps the working directory (the service's state directory) off sys.path. This
+    # package's root goes last, so an installed copy and the standard library come first.
     root = str(Path(__file__).resolve().parents[2])
-    environment = dict(os.environ)
-    environment["PYTHONPATH"] = os.pathsep.join(
-        [root, *filter(None, [environment.get("PYTHONPATH")])]
+    program = (
+        f"import sys; sys.path.append({root!r}); "
+        "from edge.readers.graph import main; sys.exit(main())"
     )
+    command = [sys.executable, "-P", "-c", program, *map(str, paths)]
     try:
-        done = subprocess.run(
-            command, capture_output=True, timeout=timeout, check=False, env=environment
-        )
+        done = subprocess.run(command, capture_output=True, timeout=timeout, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         logger.warning("OCR model rewrite failed (%s); using the original models", exc)
         return None

@@ -15,6 +15,7 @@ On this project's generated scenes (367 lines, one thread, x86-64), batches of o
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -92,8 +93,9 @@ class TextReader(Reader):
             keeps a 1280 x 720 frame at full size. In the pipeline on 8 generated 1920 x 1080
             scenes, a limit of 300,000 found 484 of 642 words, against 485 with no limit.
             It is also the reader's budget for concurrent reads: the detector inputs of all
-            running detections add up to at most ``max_detect_pixels``, and a detection
-            that does not fit waits until the others end.
+            running detections add up to about ``max_detect_pixels`` at most (each side is
+            rounded to a multiple of 32), and a detection that does not fit waits until
+            the others end.
         rewrite_models: Run the models with the exact graph rewrites of
             :mod:`edge.readers.graph`, which make detection and recognition faster. The
             rewrite runs once, in a child process, when the models load.
@@ -142,6 +144,8 @@ class TextReader(Reader):
         self.single_line_aspect = single_line_aspect
         self.max_detect_pixels = max_detect_pixels
         self.rewrite_models = rewrite_models
+        #: Whether the loaded engine runs the rewritten models (set when the engine loads).
+        self.models_rewritten = False
         self._engine: Any = None
         self._engine_lock = threading.Lock()
         self._detect_budget = PixelBudget(max_detect_pixels)
@@ -187,8 +191,28 @@ class TextReader(Reader):
 
         See :mod:`edge.readers.graph`. Without the rewrite, on x86-64 with one thread,
         recognition of a 48 x 320 line took 19.9 ms instead of 15.8 ms, and detection on
-        640 x 480 pixels took 82 ms instead of 72 ms. If the rewrite fails, rapidocr's
+        640 x 480 pixels took 82 ms instead of 72 ms. If any step fails, all of rapidocr's
         sessions stay in use.
+        """
+        try:
+            sessions = self._rewritten_sessions(engine)
+        # onnxruntime's errors (InvalidProtobuf, Fail, ...) derive from Exception directly,
+        # and any failure here only costs speed.
+        except Exception as exc:
+            logger.warning("OCR model rewrite failed (%s); using the original models", exc)
+            return
+        if sessions is None:
+            return
+        for holder, session in sessions:
+            holder.session = session
+        self.models_rewritten = True
+
+    def _rewritten_sessions(self, engine: Any) -> list[tuple[Any, Any]] | None:
+        """Build a session on the rewritten graph for each model the reader uses.
+
+        Returns:
+            Pairs of rapidocr's session holder and its new session, or ``None`` when the
+            rewrite failed (which :func:`rewritten_models` logs).
         """
         from rapidocr_onnxruntime.main import DEFAULT_CFG_PATH
         from rapidocr_onnxruntime.utils import read_yaml
@@ -200,16 +224,16 @@ class TextReader(Reader):
             holders["Cls"] = engine.text_cls.infer
         models = rewritten_models([Path(paths[key]["model_path"]) for key in holders])
         if models is None:
-            return
+            return None
         options = ort.SessionOptions()
         options.enable_cpu_mem_arena = False
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
-        for holder, model in zip(holders.values(), models, strict=True):
-            holder.session = ort.InferenceSession(
-                model, sess_options=options, providers=["CPUExecutionProvider"]
-            )
+        return [
+            (holder, ort.InferenceSession(model, options, providers=["CPUExecutionProvider"]))
+            for holder, model in zip(holders.values(), models, strict=True)
+        ]
 
     def warm_up(self) -> None:
         """Load the models and run detection and recognition once on blank images."""
@@ -220,6 +244,7 @@ class TextReader(Reader):
         """Drop the engine; the next read creates it again."""
         with self._engine_lock:
             self._engine = None
+            self.models_rewritten = False
 
     def read(self, image: Image, cancellation: Cancellation | None = None) -> Reading:
         """Read the text lines of an image, in reading order, with boxes in its pixels.
@@ -352,9 +377,10 @@ class PixelBudget:
 
     The text detector's temporary memory grows with its input's pixel count. On the 134
     corpus images (receipt scans up to 2481 x 993), the daemon's main process peaked at
-    428 MB with two concurrent reads and no budget, and at 341 MB with one. A reservation
-    larger than the whole budget is lowered to it, so it runs alone rather than waiting
-    forever. Thread-safe.
+    428 MB when two reads could detect at ``max_detect_pixels`` at the same time, and at
+    341 MB with this budget. A reservation larger than the whole budget is lowered to it, so
+    it runs alone rather than waiting forever. Reservations are granted in arrival order, so
+    small ones cannot keep a large one waiting. Thread-safe.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -363,6 +389,9 @@ class PixelBudget:
             raise ValueError(msg)
         self.capacity = capacity
         self._in_use = 0
+        self._queue: collections.deque[object] = collections.deque()
+        # Reentrant, because a cancellation that is already set calls _wake at once from
+        # inside reserve(), which holds the lock.
         self._changed = threading.Condition(threading.RLock())
 
     @property
@@ -378,16 +407,25 @@ class PixelBudget:
             ReadCancelled: If ``cancellation`` is cancelled before the pixels are free.
         """
         pixels = max(1, min(pixels, self.capacity))
+        ticket = object()
         registration = (
             cancellation.registered(self._wake) if cancellation else contextlib.nullcontext()
         )
         with self._changed, registration:
-            while self._in_use and self._in_use + pixels > self.capacity:
+            self._queue.append(ticket)
+            try:
+                while self._queue[0] is not ticket or (
+                    self._in_use and self._in_use + pixels > self.capacity
+                ):
+                    if cancellation is not None:
+                        cancellation.raise_if_cancelled()
+                    self._changed.wait()
                 if cancellation is not None:
                     cancellation.raise_if_cancelled()
-                self._changed.wait()
-            if cancellation is not None:
-                cancellation.raise_if_cancelled()
+            finally:
+                self._queue.remove(ticket)
+                # The next reservation in line may fit now, or may now be first.
+                self._changed.notify_all()
             self._in_use += pixels
         try:
             yield
