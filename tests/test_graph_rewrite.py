@@ -13,7 +13,6 @@ import pytest
 import rapidocr_onnxruntime
 from onnx import TensorProto, helper, numpy_helper
 
-from edge.readers import graph as graph_module
 from edge.readers.graph import rewrite, rewritten_models
 
 MODELS = Path(rapidocr_onnxruntime.__file__).resolve().parent / "models"
@@ -176,13 +175,12 @@ def test_rewrite_ppocr_model_same_outputs(name: str, shape: tuple[int, ...]) -> 
     np.testing.assert_allclose(run(rewritten, inputs), run(original, inputs), atol=1e-4)
 
 
-def test_rewritten_models_in_child_process() -> None:
+def test_rewritten_models_in_child_process(tmp_path: Path) -> None:
     path = MODELS / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
-    models = rewritten_models([path])
+    models = rewritten_models([path], tmp_path)
 
-    assert models is not None
-    assert len(models) == 1
-    loaded = onnx.load_from_string(models[0])
+    assert models == [tmp_path / path.name]
+    loaded = onnx.load(str(models[0]))
     onnx.checker.check_model(loaded)
     inputs = RNG.uniform(-1.0, 1.0, size=(1, 3, 48, 192)).astype(np.float32)
     np.testing.assert_allclose(run(loaded, inputs), run(onnx.load(str(path)), inputs), atol=1e-4)
@@ -191,19 +189,20 @@ def test_rewritten_models_in_child_process() -> None:
 def test_rewritten_models_missing_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     missing = tmp_path / "missing.onnx"
     with caplog.at_level(logging.WARNING, logger="edge.readers.graph"):
-        models = rewritten_models([missing])
+        models = rewritten_models([missing], tmp_path)
 
     assert models is None
     assert "using the original models" in caplog.text
     assert "missing.onnx" in caplog.text
 
 
-def test_rewritten_models_malformed_output(caplog: pytest.LogCaptureFixture) -> None:
+def test_rewritten_models_missing_folder(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = MODELS / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
     with caplog.at_level(logging.WARNING, logger="edge.readers.graph"):
-        blobs = graph_module._split_frames(b"\x10\x00\x00\x00\x00\x00\x00\x00abc", 1)
+        models = rewritten_models([path], tmp_path / "absent")
 
-    assert blobs is None
-    assert "malformed" in caplog.text
+    assert models is None
+    assert "exited with status" in caplog.text
 
 
 def test_rewrite_keeps_scalar_of_higher_rank() -> None:
@@ -245,8 +244,10 @@ def test_rewritten_models_ignore_working_directory(
     """A module in the working directory cannot shadow one the rewriting child imports."""
     (tmp_path / "numpy.py").write_text("raise ImportError('numpy shadowed')\n", "utf-8")
     monkeypatch.chdir(tmp_path)
+    output = tmp_path / "out"
+    output.mkdir()
 
-    models = rewritten_models([MODELS / "ch_ppocr_mobile_v2.0_cls_infer.onnx"])
+    models = rewritten_models([MODELS / "ch_ppocr_mobile_v2.0_cls_infer.onnx"], output)
 
     assert models is not None
     assert len(models) == 1

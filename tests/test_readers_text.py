@@ -500,7 +500,7 @@ def test_text_reader_rewritten_models_same_text(reader: TextReader) -> None:
 def test_text_reader_rewrite_failure_keeps_models(monkeypatch: pytest.MonkeyPatch) -> None:
     requested: list[list[Path]] = []
 
-    def failing(paths: list[Path]) -> None:
+    def failing(paths: list[Path], folder: Path) -> None:
         requested.append(list(paths))
 
     monkeypatch.setattr(text_module, "rewritten_models", failing)
@@ -524,8 +524,11 @@ def test_text_reader_invalid_rewrite_falls_back(
 ) -> None:
     """Rewritten models that onnxruntime cannot load leave rapidocr's sessions in use."""
 
-    def malformed(paths: list[Path]) -> list[bytes]:
-        return [b"not an onnx model" for _ in paths]
+    def malformed(paths: list[Path], folder: Path) -> list[Path]:
+        outputs = [folder / path.name for path in paths]
+        for output in outputs:
+            output.write_bytes(b"not an onnx model")
+        return outputs
 
     monkeypatch.setattr(text_module, "rewritten_models", malformed)
     fallback = TextReader(threads=1)

@@ -280,34 +280,45 @@ def _fuse_hard_swish(graph: _Graph) -> int:
     return count
 
 
-def rewrite_files(paths: Sequence[Path]) -> list[bytes]:
-    """Load each ONNX model file, rewrite it and return the serialised results.
+def rewrite_files(paths: Sequence[Path], folder: Path) -> list[Path]:
+    """Load each ONNX model file, rewrite it and save it under its own name in ``folder``.
+
+    Returns:
+        The paths of the rewritten models, in the order of ``paths``.
 
     Raises:
         ImportError: If the ``onnx`` package is missing.
-        OSError: If a file cannot be read.
+        OSError: If a file cannot be read or written.
         onnx.checker.ValidationError: If a rewritten model is not a valid ONNX model.
     """
     import onnx
 
-    rewritten = []
+    outputs = []
     for path in paths:
         model = onnx.load(str(path))
         counts = rewrite(model)
         onnx.checker.check_model(model)
         logger.debug("%s: %s", path.name, counts)
-        rewritten.append(model.SerializeToString())
-    return rewritten
+        output = folder / path.name
+        onnx.save(model, str(output))
+        outputs.append(output)
+    return outputs
 
 
-def rewritten_models(paths: Sequence[Path], timeout: float = 120.0) -> list[bytes] | None:
-    """Rewrite ONNX model files in a child process; return the models or ``None`` on failure.
+def rewritten_models(
+    paths: Sequence[Path], folder: Path, timeout: float = 120.0
+) -> list[Path] | None:
+    """Rewrite ONNX model files into ``folder`` in a child process.
 
     The ``onnx`` package adds about 16 MB to a process that imports it, and loading and
     rewriting a model makes copies of its weights, so a short-lived child process does the
-    rewriting and the daemon keeps none of that memory. On
-    failure (``onnx`` missing, an unreadable model, a timeout) it logs a warning and returns
-    ``None``, so the caller keeps the original models.
+    rewriting and the daemon keeps none of that memory. The models go through files because
+    an onnxruntime session created from bytes keeps a copy of them for its lifetime.
+
+    Returns:
+        The paths of the rewritten models, in the order of ``paths``, or ``None`` on
+        failure (``onnx`` missing, an unreadable model, a timeout), which is logged as a
+        warning so that the caller keeps the original models.
     """
     # -P keeps the working directory (the service's state directory) off sys.path. This
     # package's root goes last, so an installed copy and the standard library come first.
@@ -316,7 +327,7 @@ def rewritten_models(paths: Sequence[Path], timeout: float = 120.0) -> list[byte
         f"import sys; sys.path.append({root!r}); "
         "from edge.readers.graph import main; sys.exit(main())"
     )
-    command = [sys.executable, "-P", "-c", program, *map(str, paths)]
+    command = [sys.executable, "-P", "-c", program, str(folder), *map(str, paths)]
     try:
         done = subprocess.run(command, capture_output=True, timeout=timeout, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -330,36 +341,23 @@ def rewritten_models(paths: Sequence[Path], timeout: float = 120.0) -> list[byte
             reason[0],
         )
         return None
-    return _split_frames(done.stdout, len(paths))
-
-
-def _split_frames(data: bytes, count: int) -> list[bytes] | None:
-    """Split ``count`` length-prefixed blobs (8-byte little-endian lengths) apart."""
-    blobs = []
-    offset = 0
-    for _ in range(count):
-        if offset + 8 > len(data):
-            break
-        size = int.from_bytes(data[offset : offset + 8], "little")
-        blobs.append(data[offset + 8 : offset + 8 + size])
-        offset += 8 + size
-    if len(blobs) != count or offset != len(data) or any(not blob for blob in blobs):
-        logger.warning("OCR model rewrite returned malformed output; using the original models")
+    outputs = [folder / path.name for path in paths]
+    missing = [str(output) for output in outputs if not output.is_file()]
+    if missing:
+        logger.warning(
+            "OCR model rewrite wrote no %s; using the original models", ", ".join(missing)
+        )
         return None
-    return blobs
+    return outputs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Write each model file named on the command line, rewritten, to stdout, length-prefixed."""
-    paths = [Path(arg) for arg in (sys.argv[1:] if argv is None else argv)]
-    if not paths:
-        print("usage: python -m edge.readers.graph MODEL.onnx...", file=sys.stderr)
+    """Rewrite the model files named on the command line into the folder named first."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) < 2:
+        print("usage: python -m edge.readers.graph FOLDER MODEL.onnx...", file=sys.stderr)
         return 2
-    output = sys.stdout.buffer
-    for blob in rewrite_files(paths):
-        output.write(len(blob).to_bytes(8, "little"))
-        output.write(blob)
-    output.flush()
+    rewrite_files([Path(arg) for arg in args[1:]], Path(args[0]))
     return 0
 
 

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import math
 import os
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -222,18 +223,21 @@ class TextReader(Reader):
         holders = {"Det": engine.text_det.infer, "Rec": engine.text_rec.session}
         if self.use_angle_classifier:
             holders["Cls"] = engine.text_cls.infer
-        models = rewritten_models([Path(paths[key]["model_path"]) for key in holders])
-        if models is None:
-            return None
         options = ort.SessionOptions()
         options.enable_cpu_mem_arena = False
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
-        return [
-            (holder, ort.InferenceSession(model, options, providers=["CPUExecutionProvider"]))
-            for holder, model in zip(holders.values(), models, strict=True)
-        ]
+        sources = [Path(paths[key]["model_path"]) for key in holders]
+        # onnxruntime has read a model file completely once its session exists.
+        with tempfile.TemporaryDirectory(prefix="edge-ocr-models-") as folder:
+            models = rewritten_models(sources, Path(folder))
+            if models is None:
+                return None
+            return [
+                (holder, ort.InferenceSession(str(model), options, ["CPUExecutionProvider"]))
+                for holder, model in zip(holders.values(), models, strict=True)
+            ]
 
     def warm_up(self) -> None:
         """Load the models and run detection and recognition once on blank images."""
