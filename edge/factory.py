@@ -70,5 +70,6 @@ def build_pipeline(config: Config) -> Pipeline:
         frame_deadline=config.pipeline.frame_deadline,
         full_frame_codes=config.pipeline.full_frame_codes,
         reuse_unchanged=config.pipeline.reuse_unchanged,
+        code_workers=config.pipeline.code_workers,
     )
     return Pipeline(detector, routes, code_reader=readers.get("codes"), options=options)

@@ -68,6 +68,7 @@ class PipelineOptions:
     frame_deadline: float = 10.0
     full_frame_codes: FullFramePolicy = "when_none_read"
     reuse_unchanged: bool = True
+    code_workers: int = 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,6 +115,7 @@ class Pipeline:
             limit=self._options.concurrency,
             op_timeout=self._options.op_timeout,
             deadline=self._options.frame_deadline,
+            process_workers=self._options.code_workers or None,
             name="edge.readers",
         )
         self._reuse = ReuseCache() if self._options.reuse_unchanged else None

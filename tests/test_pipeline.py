@@ -252,3 +252,22 @@ async def test_pipeline_unrouted_class_reported_without_reader() -> None:
     finally:
         await pipeline.aclose()
     assert [(r.reader, r.status) for r in result.regions] == [(None, RegionStatus.EMPTY)]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_pipeline_code_workers_bound_processes(code_reader: CodeReader, workers: int) -> None:
+    """Concurrent code reads share ``code_workers`` processes and all decode."""
+    scene = _scene(11, labels=(0, 0), codes=(4, 4))
+    regions = _regions(scene)
+    routes: dict[str, Reader] = {r.class_name: code_reader for r in regions}
+    options = PipelineOptions(concurrency=4, code_workers=workers)
+    pipeline = Pipeline(OracleDetector(regions), routes, options=options)
+    try:
+        result = await pipeline.process(_frame(scene))
+        pids = pipeline.group.worker_pids()
+    finally:
+        await pipeline.aclose()
+
+    expected = sorted(o.value for o in scene.objects)
+    assert sorted(c.text or "" for r in result.regions for c in r.reading.codes) == expected
+    assert 1 <= len(pids) <= workers
