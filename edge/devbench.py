@@ -162,6 +162,8 @@ def describe_device(config: Config, frame_count: int, size: tuple[int, int]) -> 
         "settings": {
             "detector.tile_scale": config.detector.tile_scale,
             "readers.text.max_detect_pixels": config.readers.text.max_detect_pixels,
+            "readers.text.rewrite_models": config.readers.text.rewrite_models,
+            "pipeline.code_workers": config.pipeline.code_workers,
         },
         "frames": {"count": frame_count, "width": size[0], "height": size[1], "seed": SEED},
     }

@@ -97,6 +97,8 @@ def test_bench_json_default_threads(report: dict[str, Any]) -> None:
     assert report["settings"] == {
         "detector.tile_scale": 4.0,
         "readers.text.max_detect_pixels": 300_000,
+        "readers.text.rewrite_models": True,
+        "pipeline.code_workers": 1,
     }
 
 
