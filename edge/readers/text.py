@@ -3,9 +3,10 @@
 ``RapidOCR.__call__`` with its default settings suits whole photos but not crops. Its text
 detector scales the shorter side up to 736 pixels (``limit_type: min``), so a small label
 crop costs more than a whole frame. It also runs the angle classifier on every line.
-:class:`TextReader` keeps rapidocr's models, sessions and post-processing but runs the
-steps itself: it never upscales, sends thin wide crops straight to the recogniser, runs the
-classifier only when asked, and sets the onnxruntime thread count.
+:class:`TextReader` keeps rapidocr's models and post-processing but runs the steps itself:
+it never upscales, sends thin wide crops straight to the recogniser, runs the classifier only
+when asked, and sets the onnxruntime thread count. By default it also replaces rapidocr's
+onnxruntime sessions with sessions on equivalent, faster graphs (:mod:`edge.readers.graph`).
 
 Recognition runs one line per onnxruntime call, so a cancelled read stops after at most one
 line, and no line is padded to the widest line of its batch as in rapidocr's batches of six.
