@@ -143,6 +143,8 @@ class PipelineConfig:
         reuse_unchanged: Repeat the previous frame's reading of a region whose box and pixels
             did not change, instead of reading it again. Such regions are marked ``reused``.
         code_workers: Worker processes that decode codes; 0 means one per concurrent read.
+            Values above ``concurrency`` act as ``concurrency``, since workers start when a
+            read needs one.
             Each one takes about 45 to 60 MB, and up to about 100 MB while it decodes a
             large frame. Code reads wait for a free worker, and their timeout starts when they
             get one. One worker kept the frame rate of two on generated scenes and on the

@@ -169,10 +169,15 @@ def describe_device(config: Config, frame_count: int, size: tuple[int, int]) -> 
     }
 
 
-def measure_stages(config: Config, frame_count: int, size: tuple[int, int]) -> list[StageTimes]:
+def measure_stages(
+    config: Config, frame_count: int, size: tuple[int, int]
+) -> tuple[list[StageTimes], bool | None]:
     """Time the detector and each reader separately on every frame, in this thread.
 
     Blocks while the models load and run.
+
+    Returns:
+        The stage times, and whether the OCR models ran rewritten (``None`` without OCR).
     """
     stages = {name: StageTimes(name, unit) for name, unit in STAGES.items() if name != "pipeline"}
     # Readers load their models lazily, so building them first leaves nothing to close if
@@ -183,6 +188,8 @@ def measure_stages(config: Config, frame_count: int, size: tuple[int, int]) -> l
         detector.warm_up()
         for reader in readers.values():
             reader.warm_up()
+        text_reader = readers.get("text")
+        rewritten = getattr(text_reader, "models_rewritten", None)
         code_reader = readers.get("codes")
         full_frame = code_reader is not None and config.pipeline.full_frame_codes != "never"
         routes = config.readers.routes
@@ -204,7 +211,7 @@ def measure_stages(config: Config, frame_count: int, size: tuple[int, int]) -> l
         for reader in readers.values():
             reader.close()
         detector.close()
-    return list(stages.values())
+    return list(stages.values()), rewritten
 
 
 async def measure_pipeline(
@@ -263,7 +270,9 @@ def run_bench(
     width, height = frame_size(config, size)
     report = describe_device(config, frame_count, (width, height))
     logger.info("benchmark: %d generated frames of %dx%d", frame_count, width, height)
-    stages = measure_stages(config, frame_count, (width, height))
+    stages, rewritten = measure_stages(config, frame_count, (width, height))
+    # The setting says what was asked; this says what ran, since a failed rewrite falls back.
+    report["ocr_models_rewritten"] = rewritten
     pipeline_stage, pipeline_figures = asyncio.run(
         measure_pipeline(config, frame_count, (width, height))
     )
@@ -294,7 +303,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"pipeline.concurrency = {threads['pipeline.concurrency']}",
         f"model: {report['model']}",
         "speed settings: "
-        + ", ".join(f"{key} = {value}" for key, value in report["settings"].items()),
+        + ", ".join(f"{key} = {_toml(value)}" for key, value in report["settings"].items()),
+        f"OCR models: {_ocr_models(report.get('ocr_models_rewritten'))}",
         f"frames: {frames['count']} generated scenes of {frames['width']}x{frames['height']} "
         f"(seed {frames['seed']})",
         "",
@@ -327,3 +337,16 @@ def _milliseconds(value: float | None) -> str:
 
 def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def _toml(value: object) -> str:
+    """Write a setting as it is spelled in the configuration file."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _ocr_models(rewritten: bool | None) -> str:
+    if rewritten is None:
+        return "not loaded (no text reader)"
+    return "rewritten" if rewritten else "rapidocr's originals (rewrite off or failed)"

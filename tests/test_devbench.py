@@ -87,6 +87,10 @@ def test_bench_json_header(report: dict[str, Any]) -> None:
     assert report["frames"] == {"count": 1, "width": SIZE[0], "height": SIZE[1], "seed": SEED}
 
 
+def test_bench_json_ocr_models_rewritten(report: dict[str, Any]) -> None:
+    assert report["ocr_models_rewritten"] is True
+
+
 def test_bench_json_default_threads(report: dict[str, Any]) -> None:
     assert report["threads"] == {
         "detector.threads": 0,
@@ -118,6 +122,8 @@ def test_bench_table_names_stages_and_settings(tmp_path: Path) -> None:
     assert "detector.threads = 1 (1 intra-op threads)" in completed.stdout
     assert "pipeline.concurrency = 1" in completed.stdout
     assert "detector.tile_scale = 0.0" in completed.stdout
+    assert "readers.text.rewrite_models = true" in completed.stdout
+    assert "OCR models: rewritten" in completed.stdout
     assert "timing the whole pipeline" in completed.stderr
 
 

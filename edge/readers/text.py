@@ -185,7 +185,10 @@ class TextReader(Reader):
         )
         if self.rewrite_models:
             self._use_rewritten_models(engine)
-        logger.info("OCR models loaded")
+        logger.info(
+            "OCR models loaded (%s)",
+            "rewritten graphs" if self.models_rewritten else "rapidocr's original graphs",
+        )
         return engine
 
     def _use_rewritten_models(self, engine: Any) -> None:
