@@ -271,7 +271,7 @@ def run_bench(
     report = describe_device(config, frame_count, (width, height))
     logger.info("benchmark: %d generated frames of %dx%d", frame_count, width, height)
     stages, rewritten = measure_stages(config, frame_count, (width, height))
-    # The setting says what was asked; this says what ran, since a failed rewrite falls back.
+    # The setting is the request. This records what ran, because a failed rewrite falls back.
     report["ocr_models_rewritten"] = rewritten
     pipeline_stage, pipeline_figures = asyncio.run(
         measure_pipeline(config, frame_count, (width, height))
