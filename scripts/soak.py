@@ -169,7 +169,9 @@ def _watch(command: list[str], frames: int, report: int) -> list[Sample]:
         while daemon.poll() is None:
             time.sleep(0.5)
             rss, pss = tree_memory(process)
-            if rss == 0:
+            # After its last frame the daemon shuts down and frees memory, which is not a
+            # steady state, so those samples are left out.
+            if rss == 0 or counter[0] >= frames:
                 continue
             minutes = (time.monotonic() - started) / 60
             samples.append(Sample(counter[0], minutes, rss, pss))
