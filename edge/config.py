@@ -80,6 +80,9 @@ class DetectorConfig:
         tile_scale: Frames that the model input shrinks by more than this factor are also
             detected in four overlapping tiles (with the 416-pixel default model: frames
             wider than 1664 pixels). 0 turns tiling off.
+        merge_classes: Classes whose overlapping boxes are merged into one region, their
+            union, so that a text block the model splits into overlapping parts is read
+            once. Empty merges nothing.
     """
 
     model: Path = MODELS_DIR / "detector.onnx"
@@ -88,6 +91,7 @@ class DetectorConfig:
     iou_threshold: float = field(default=0.45, metadata=_bounds(0, 1))
     threads: int = field(default=0, metadata=_bounds(0, 64))
     tile_scale: float = field(default=4.0, metadata=_bounds(0, 100))
+    merge_classes: tuple[str, ...] = ("text",)
 
 
 @dataclass(frozen=True)
@@ -388,6 +392,11 @@ def _convert(
             msg = "expected a table of strings"
             raise ConfigError(msg, key=key)
         return dict(value)
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            msg = f"expected an array of non-empty strings, got {value!r}"
+            raise ConfigError(msg, key=key)
+        return tuple(value)
     if hint is Path:
         if not isinstance(value, str) or not value:
             msg = f"expected a non-empty path string, got {value!r}"

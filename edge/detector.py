@@ -102,10 +102,15 @@ class Detector:
             detected in four overlapping tiles, each 60% of the frame's width and height, so
             that small objects keep enough pixels. Costs four more model runs on such frames.
             ``None`` never tiles.
+        merge_classes: Class names whose overlapping boxes are replaced by their union,
+            with the highest score of the group, until no two boxes of the class overlap.
+            A text block that the model splits into overlapping parts is then read once,
+            as a whole, instead of line by line in each part. Empty merges nothing.
 
     Raises:
         ModelError: The file is missing, unreadable or not a valid model, its output layout is
-            not one of the three above, or the class names do not match its class count.
+            not one of the three above, the class names do not match its class count, or
+            ``merge_classes`` names a class the model does not have.
         ValueError: A threshold is outside 0..1, ``threads`` is below 1 or ``tile_scale`` is
             not above 1.
     """
@@ -121,6 +126,7 @@ class Detector:
         input_size: tuple[int, int] | None = None,
         threads: int | None = None,
         tile_scale: float | None = None,
+        merge_classes: Sequence[str] = (),
     ) -> None:
         _check_fraction("score_threshold", score_threshold)
         _check_fraction("iou_threshold", iou_threshold)
@@ -153,6 +159,14 @@ class Detector:
         self._class_names = self._resolve_class_names(
             metadata, labels_path, class_names, class_count
         )
+        unknown = [name for name in merge_classes if name not in self._class_names]
+        if unknown:
+            msg = (
+                f"merge_classes names {', '.join(map(repr, unknown))}, which the model does "
+                f"not have; its classes are {', '.join(self._class_names)}"
+            )
+            raise ModelError(msg, path=str(self._model_path))
+        self._merge_ids = sorted({self._class_names.index(name) for name in merge_classes})
         logger.info(
             "Loaded detector %s: layout %s, output %s, input %dx%d (HxW), %d classes %s, "
             "%d intra-op threads",
@@ -247,6 +261,8 @@ class Detector:
             boxes, scores, class_ids = boxes[kept], scores[kept], class_ids[kept]
             kept = drop_contained(boxes, scores, class_ids, TILE_CONTAINED_SHARE)
             boxes, scores, class_ids = boxes[kept], scores[kept], class_ids[kept]
+        if self._merge_ids:
+            boxes, scores, class_ids = merge_overlapping(boxes, scores, class_ids, self._merge_ids)
 
         height, width = image.shape[:2]
         corners = clamp_boxes(boxes, width, height)
@@ -605,6 +621,62 @@ def drop_contained(
         if not contained:
             kept.append(index)
     return np.asarray(kept, dtype=np.int64)
+
+
+def merge_overlapping(
+    boxes: FloatArray,
+    scores: FloatArray,
+    class_ids: npt.NDArray[np.int64],
+    merge_ids: Sequence[int],
+) -> tuple[FloatArray, FloatArray, npt.NDArray[np.int64]]:
+    """Replace overlapping boxes of the classes in ``merge_ids`` by their union.
+
+    Boxes are x1, y1, x2, y2. Two boxes overlap when their intersection has an area; boxes
+    that only touch do not. A union can overlap a box that neither of its parts did, so
+    merging repeats until no two boxes of a merged class overlap. A union gets the highest
+    score of its group. Boxes of other classes are returned unchanged, before the unions.
+    """
+    if len(boxes) == 0:
+        return boxes, scores, class_ids
+    keep = ~np.isin(class_ids, merge_ids)
+    out_boxes, out_scores, out_ids = [boxes[keep]], [scores[keep]], [class_ids[keep]]
+    for class_id in merge_ids:
+        chosen = boxes[class_ids == class_id]
+        # Corners may come in either order; clamp_boxes reorders them later in any case.
+        ordered = np.concatenate(
+            [np.minimum(chosen[:, :2], chosen[:, 2:]), np.maximum(chosen[:, :2], chosen[:, 2:])],
+            axis=1,
+        )
+        merged, merged_scores = _merge_group(
+            ordered.tolist(), scores[class_ids == class_id].tolist()
+        )
+        out_boxes.append(np.asarray(merged, dtype=np.float32).reshape(-1, 4))
+        out_scores.append(np.asarray(merged_scores, dtype=np.float32))
+        out_ids.append(np.full(len(merged), class_id, dtype=np.int64))
+    return np.concatenate(out_boxes), np.concatenate(out_scores), np.concatenate(out_ids)
+
+
+def _merge_group(
+    boxes: list[list[float]], scores: list[float]
+) -> tuple[list[list[float]], list[float]]:
+    """Merge overlapping x1, y1, x2, y2 boxes of one class until none overlap."""
+    merged = True
+    while merged:
+        merged = False
+        out_boxes: list[list[float]] = []
+        out_scores: list[float] = []
+        for (x1, y1, x2, y2), score in zip(boxes, scores, strict=True):
+            for index, (ox1, oy1, ox2, oy2) in enumerate(out_boxes):
+                if min(x2, ox2) > max(x1, ox1) and min(y2, oy2) > max(y1, oy1):
+                    out_boxes[index] = [min(x1, ox1), min(y1, oy1), max(x2, ox2), max(y2, oy2)]
+                    out_scores[index] = max(score, out_scores[index])
+                    merged = True
+                    break
+            else:
+                out_boxes.append([x1, y1, x2, y2])
+                out_scores.append(score)
+        boxes, scores = out_boxes, out_scores
+    return boxes, scores
 
 
 def clamp_boxes(boxes: FloatArray, width: int, height: int) -> npt.NDArray[np.int64]:

@@ -161,6 +161,7 @@ def describe_device(config: Config, frame_count: int, size: tuple[int, int]) -> 
         "model": str(config.detector.model),
         "settings": {
             "detector.tile_scale": config.detector.tile_scale,
+            "detector.merge_classes": list(config.detector.merge_classes),
             "readers.text.max_detect_pixels": config.readers.text.max_detect_pixels,
             "readers.text.rewrite_models": config.readers.text.rewrite_models,
             "pipeline.code_workers": config.pipeline.code_workers,
@@ -343,6 +344,10 @@ def _toml(value: object) -> str:
     """Write a setting as it is spelled in the configuration file."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)
     return str(value)
 
 

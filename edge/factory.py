@@ -42,6 +42,7 @@ def build_detector(config: Config) -> Detector:
         iou_threshold=detector_config.iou_threshold,
         threads=detector_config.threads or None,
         tile_scale=detector_config.tile_scale or None,
+        merge_classes=detector_config.merge_classes,
     )
 
 

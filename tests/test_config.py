@@ -76,6 +76,10 @@ def test_config_file_values_and_relative_paths(tmp_path: Path) -> None:
         pytest.param({"tracker": {"min_iou": 1.5}}, "tracker.min_iou", id="iou-over-one"),
         pytest.param({"tracker": {"gone_after": 0}}, "tracker.gone_after", id="zero-gone-after"),
         pytest.param({"detector": {"tile_scale": 0.5}}, "detector.tile_scale", id="tile-scale"),
+        pytest.param({"detector": {"merge_classes": "text"}}, "detector.merge_classes", id="merge"),
+        pytest.param(
+            {"detector": {"merge_classes": [""]}}, "detector.merge_classes", id="merge-empty"
+        ),
         pytest.param(
             {"readers": {"text": {"max_detect_pixels": 10}}},
             "readers.text.max_detect_pixels",
@@ -90,6 +94,15 @@ def test_config_invalid_value_names_key(tmp_path: Path, data: dict[str, object],
         parse_config(data, base_dir=tmp_path)
     assert caught.value.key == key
     assert str(caught.value).startswith(key)
+
+
+def test_config_merge_classes(tmp_path: Path) -> None:
+    """merge_classes defaults to text, and an empty array turns merging off."""
+    assert parse_config({}).detector.merge_classes == ("text",)
+    config = parse_config({"detector": {"merge_classes": []}}, base_dir=tmp_path)
+    assert config.detector.merge_classes == ()
+    config = parse_config({"detector": {"merge_classes": ["text", "barcode"]}})
+    assert config.detector.merge_classes == ("text", "barcode")
 
 
 def test_config_missing_file_names_path(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from edge.detector import (
     drop_contained,
     frame_tiles,
     letterbox_image,
+    merge_overlapping,
     touches_inner_edge,
     yolov5_anchor_count,
 )
@@ -27,6 +28,7 @@ from edge.results import Box
 from edge.synth import Scene, render_scene
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+CORPUS = REPO_ROOT.parent / "shared" / "corpus"
 SIZE = 64
 NAMES = "{0: 'text', 1: 'qr_code'}"
 
@@ -332,6 +334,104 @@ def test_detector_tiles_find_small_labels() -> None:
     # Parts of objects cut by a tile edge are dropped, so the tiles add about one box per
     # label they find, not several.
     assert tiled_regions - plain_regions <= tiled - plain + 2
+
+
+def test_merge_overlapping_chains_unions() -> None:
+    """Overlapping boxes of a merged class become their union, repeatedly; others stay."""
+    boxes = np.array(
+        [
+            [0, 0, 10, 10],  # overlaps the next box
+            [8, 0, 20, 10],
+            [19, 9, 30, 30],  # overlaps the second box by one pixel
+            [40, 40, 50, 50],  # touches nothing
+            [50, 40, 60, 50],  # touches the previous box at x = 50 without overlapping
+            [5, 5, 45, 45],  # another class over all of them
+        ],
+        dtype=np.float32,
+    )
+    scores = np.array([0.6, 0.9, 0.7, 0.5, 0.8, 0.95], dtype=np.float32)
+    class_ids = np.array([0, 0, 0, 0, 0, 1], dtype=np.int64)
+
+    merged_boxes, merged_scores, merged_ids = merge_overlapping(boxes, scores, class_ids, [0])
+
+    assert merged_ids.tolist() == [1, 0, 0, 0]
+    assert merged_boxes[0].tolist() == [5, 5, 45, 45]
+    found = sorted(zip(merged_boxes[1:].tolist(), merged_scores[1:].tolist(), strict=True))
+    assert found == [
+        ([0, 0, 30, 30], pytest.approx(0.9)),
+        ([40, 40, 50, 50], pytest.approx(0.5)),
+        ([50, 40, 60, 50], pytest.approx(0.8)),
+    ]
+
+
+def test_merge_overlapping_needs_repeated_passes() -> None:
+    """A union that reaches a box none of its parts overlapped is merged with it too."""
+    boxes = np.array(
+        [[0, 0, 10, 10], [20, 20, 30, 30], [5, 5, 25, 8], [9, 0, 12, 25]], dtype=np.float32
+    )
+    # Boxes 2 and 3 overlap box 0 but not box 1. Box 1 overlaps no other box, but the union
+    # of boxes 0, 2 and 3 reaches x = 25, y = 25.
+    scores = np.array([0.5, 0.6, 0.7, 0.8], dtype=np.float32)
+    class_ids = np.zeros(4, dtype=np.int64)
+
+    merged_boxes, merged_scores, _ = merge_overlapping(boxes, scores, class_ids, [0])
+
+    assert merged_boxes.tolist() == [[0, 0, 30, 30]]
+    assert merged_scores.tolist() == [pytest.approx(0.8)]
+
+
+def test_merge_overlapping_reorders_corners() -> None:
+    """Boxes given with x2 < x1 or y2 < y1 are merged by the area they cover."""
+    boxes = np.array([[10, 10, 0, 0], [5, 5, 15, 15]], dtype=np.float32)
+    scores = np.array([0.5, 0.6], dtype=np.float32)
+    merged_boxes, _, _ = merge_overlapping(boxes, scores, np.zeros(2, dtype=np.int64), [0])
+    assert merged_boxes.tolist() == [[0, 0, 15, 15]]
+
+
+def test_detector_merge_classes_unknown_name(tmp_path: Path) -> None:
+    model = write_model(tmp_path / "v8.onnx", anchors_last([[32, 32, 8, 8, 0.9, 0.0]]))
+    with pytest.raises(ModelError, match=r"merge_classes names 'label'.*text, qr_code"):
+        Detector(model, class_names=["text", "qr_code"], merge_classes=["label"])
+
+
+def test_detector_merges_split_receipt() -> None:
+    """The bundled model splits a real receipt scan into overlapping text boxes.
+
+    With merging, no two text boxes overlap, and every split box lies inside a merged one.
+    """
+    path = CORPUS / "sroie2019" / "img" / "544.jpg"
+    if not path.exists():
+        pytest.skip(f"real-image corpus not found at {CORPUS}")
+    read = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    assert read is not None, f"cannot read {path}"
+    image = np.asarray(read, dtype=np.uint8)
+    model = REPO_ROOT / "models" / "detector.onnx"
+
+    split = [
+        r.box for r in Detector(model, score_threshold=0.5).detect(image) if r.class_name == "text"
+    ]
+    merged = [
+        r.box
+        for r in Detector(model, score_threshold=0.5, merge_classes=["text"]).detect(image)
+        if r.class_name == "text"
+    ]
+
+    def overlaps(a: Box, b: Box) -> bool:
+        return min(a.x + a.w, b.x + b.w) > max(a.x, b.x) and min(a.y + a.h, b.y + b.h) > max(
+            a.y, b.y
+        )
+
+    assert any(overlaps(a, b) for i, a in enumerate(split) for b in split[i + 1 :])
+    assert len(merged) < len(split)
+    assert not any(overlaps(a, b) for i, a in enumerate(merged) for b in merged[i + 1 :])
+    for box in split:
+        assert any(
+            m.x <= box.x
+            and m.y <= box.y
+            and box.x + box.w <= m.x + m.w
+            and box.y + box.h <= m.y + m.h
+            for m in merged
+        ), box
 
 
 def test_detector_tile_scale_validated(tmp_path: Path) -> None:
