@@ -103,7 +103,9 @@ class TextReaderConfig:
         use_angle_classifier: Run the text-direction classifier (for upside-down text).
         min_score: Lines recognised with a lower confidence (0..1) are dropped.
         max_detect_pixels: Text regions with more pixels are downscaled to this size for
-            text detection (lines are still recognised at full resolution). Each detection
+            text detection (lines are still recognised at full resolution). When the lines
+            found there are small, such a region is detected again at full resolution in
+            overlapping strips of at most this many pixels each. Each detection
             needs about 230 bytes of memory per pixel, so this bounds the daemon's peak.
             Concurrent reads share this budget: their detections add up to about this many
             pixels at most at once.

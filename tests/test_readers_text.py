@@ -296,6 +296,76 @@ def test_text_reader_crop_not_upscaled(
     assert detector_inputs[0][3] <= 320 + 64
 
 
+def _numbered_lines(count: int) -> list[str]:
+    words = ["apple", "butter", "cheese", "dates", "eggs", "flour", "grapes", "honey", "ink"]
+    return [
+        f"{i:02d} {words[i % 9]} {words[i * 4 % 9]} {i * 7 % 100:02d}.{i % 10}0"
+        for i in range(count)
+    ]
+
+
+def test_text_reader_small_print_detected_in_strips(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small print over max_detect_pixels is detected again at full size, in strips.
+
+    Each strip stays within the pixel limit, and the lines cut by a strip edge are read
+    once, whole. Without the strips the downscaled detection misreads some of the lines.
+    """
+    lines = _numbered_lines(40)
+    image = render_text(lines, (700, 1240), font_size=12, line_step=30)
+    small = TextReader(threads=1, max_detect_pixels=200_000)
+    shapes: list[tuple[int, ...]] = []
+    original = text_module._run
+
+    def recording(session: Any, tensor: Any, cancellation: Any) -> Any:
+        if tensor.shape[2] != text_module._REC_HEIGHT:
+            shapes.append(tuple(tensor.shape[2:]))
+        return original(session, tensor, cancellation)
+
+    monkeypatch.setattr(text_module, "_run", recording)
+    expected = [squeeze(line) for line in lines]
+
+    found = [squeeze(line.text) for line in small.read(image).lines]
+
+    # One downscaled detection, then strips across the whole height.
+    assert len(shapes) > 2
+    assert all(height * width <= 200_000 for height, width in shapes[1:])
+    assert sum(height for height, _ in shapes[1:]) > 1240
+    assert found == expected
+
+    monkeypatch.setattr(text_module, "_SMALL_LINE_ROWS", 0.0)
+    shapes.clear()
+    downscaled = [squeeze(line.text) for line in small.read(image).lines]
+    assert len(shapes) == 1
+    assert sum(text in expected for text in downscaled) < len(expected)
+    small.close()
+
+
+def test_join_strips_keeps_one_box_per_line() -> None:
+    """A line whole in two strips is kept once.
+
+    A cut piece is dropped when a whole box covers it, and kept when none does, as for a
+    line taller than the overlap.
+    """
+
+    def quad(left: float, top: float, right: float, bottom: float) -> Any:
+        return np.array(
+            [[left, top], [right, top], [right, bottom], [left, bottom]], dtype=np.float32
+        )
+
+    line = quad(10, 100, 200, 120)
+    copy = quad(11, 101, 199, 121)
+    covered_piece = quad(10, 110, 200, 121)
+    tall_top, tall_bottom = quad(300, 150, 400, 200), quad(300, 195, 400, 260)
+
+    joined = text_module._join_strips([line, copy], [covered_piece, tall_top, tall_bottom])
+
+    assert [box.tolist() for box in joined] == [
+        line.tolist(),
+        tall_top.tolist(),
+        tall_bottom.tolist(),
+    ]
+
+
 def test_text_reader_tight_crop_words(reader: TextReader) -> None:
     """A crop cut tight around the text, lines touching its edges, still reads every line."""
     image = render_text(LABEL_LINES, (320, 160))
