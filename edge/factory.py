@@ -26,6 +26,9 @@ def build_readers(config: Config) -> dict[str, Reader]:
             min_score=text.min_score,
             max_detect_pixels=text.max_detect_pixels,
             rewrite_models=text.rewrite_models,
+            # One model run per concurrent read: the runs of all reads share these threads,
+            # so a large region's lines use the cores that finished reads leave idle.
+            workers=config.pipeline.concurrency,
         )
     if "codes" in wanted or config.pipeline.full_frame_codes != "never":
         readers["codes"] = CodeReader()

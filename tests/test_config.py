@@ -288,3 +288,12 @@ def test_config_rewrite_models_reaches_reader() -> None:
 
     assert config.readers.text.rewrite_models is False
     assert getattr(reader, "rewrite_models", None) is False
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_config_concurrency_sets_ocr_workers(concurrency: int) -> None:
+    """The text reader gets one model-run worker per concurrent read."""
+    from edge.factory import build_readers
+
+    config = parse_config({"pipeline": {"concurrency": concurrency}})
+    assert getattr(build_readers(config)["text"], "workers", None) == concurrency

@@ -366,6 +366,94 @@ def test_join_strips_keeps_one_box_per_line() -> None:
     ]
 
 
+@pytest.fixture(scope="module")
+def pooled_reader() -> Iterator[TextReader]:
+    text_reader = TextReader(threads=1, workers=2)
+    text_reader.warm_up()
+    yield text_reader
+    text_reader.close()
+
+
+def _record_rec_threads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, float, float]]:
+    """Record the thread, start and end of every recognition run."""
+    runs: list[tuple[str, float, float]] = []
+    original = text_module._run
+
+    def recording(session: Any, tensor: Any, cancellation: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return original(session, tensor, cancellation)
+        finally:
+            if tensor.shape[2] == text_module._REC_HEIGHT:
+                runs.append((threading.current_thread().name, started, time.perf_counter()))
+
+    monkeypatch.setattr(text_module, "_run", recording)
+    return runs
+
+
+def test_text_reader_workers_recognise_lines_in_parallel(
+    reader: TextReader, pooled_reader: TextReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With two workers the lines of one read run on two threads at once, same text."""
+    lines = _numbered_lines(12)
+    image = render_text(lines, (420, 12 * 36 + 24), line_step=36)
+    runs = _record_rec_threads(monkeypatch)
+
+    pooled = [line.text for line in pooled_reader.read(image).lines]
+
+    threads = {name for name, _, _ in runs}
+    assert len(threads) == 2
+    assert all(name.startswith("edge-ocr") for name in threads)
+    overlapping = sum(1 for a in runs for b in runs if a[0] < b[0] and a[1] < b[2] and b[1] < a[2])
+    assert overlapping > 0
+    runs.clear()
+    assert pooled == [line.text for line in reader.read(image).lines]
+    assert {name for name, _, _ in runs} == {threading.current_thread().name}
+
+
+def test_text_reader_workers_cancel_and_recover(
+    reader: TextReader, pooled_reader: TextReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancelled pooled read raises ReadCancelled and leaves the pool usable."""
+    lines = _numbered_lines(20)
+    image = render_text(lines, (420, 20 * 36 + 24), line_step=36)
+    runs = _record_rec_threads(monkeypatch)
+    cancellation = Cancellation()
+    threading.Timer(0.05, cancellation.cancel).start()
+    started = time.perf_counter()
+    with pytest.raises(ReadCancelled):
+        pooled_reader.read(image, cancellation)
+    # Cancelled runs end at once, and the lines still queued do not start.
+    assert len(runs) < len(lines)
+    assert time.perf_counter() - started < 2.0
+    found = [line.text for line in pooled_reader.read(image).lines]
+    assert len(found) == len(lines)
+    assert found == [line.text for line in reader.read(image).lines]
+
+
+def test_text_reader_workers_failure_costs_that_read(
+    pooled_reader: TextReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A line that fails fails its read only; the next read of the reader succeeds."""
+    recogniser = pooled_reader.engine.text_rec
+    original = recogniser.postprocess_op
+    calls: list[int] = []
+
+    def failing_third(prediction: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 3:
+            msg = "decoder broke"
+            raise RuntimeError(msg)
+        return original(prediction)
+
+    monkeypatch.setattr(recogniser, "postprocess_op", failing_third)
+    image = render_text(_numbered_lines(6), (420, 6 * 36 + 24), line_step=36)
+    with pytest.raises(RuntimeError, match="decoder broke"):
+        pooled_reader.read(image)
+    monkeypatch.setattr(recogniser, "postprocess_op", original)
+    assert len(pooled_reader.read(image).lines) == 6
+
+
 def test_text_reader_tight_crop_words(reader: TextReader) -> None:
     """A crop cut tight around the text, lines touching its edges, still reads every line."""
     image = render_text(LABEL_LINES, (320, 160))
@@ -476,6 +564,7 @@ def test_text_reader_threads_above_cores_lowered() -> None:
         ({"min_score": 1.5}, "min_score"),
         ({"max_side": 8}, "max_side"),
         ({"single_line_aspect": 0.0}, "single_line_aspect"),
+        ({"workers": 0}, "workers"),
     ],
 )
 def test_text_reader_invalid_option(options: dict[str, Any], message: str) -> None:

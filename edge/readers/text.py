@@ -17,15 +17,17 @@ On this project's generated scenes (367 lines, one thread, x86-64), batches of o
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
+import functools
 import logging
 import math
 import os
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
@@ -80,6 +82,7 @@ _REC_WIDTH_STEP = 8
 _REC_MIN_WIDTH = 320
 
 FloatArray = npt.NDArray[np.float32]
+_Result = TypeVar("_Result")
 
 
 class TextReader(Reader):
@@ -117,6 +120,11 @@ class TextReader(Reader):
         rewrite_models: Run the models with the exact graph rewrites of
             :mod:`edge.readers.graph`, which make detection and recognition faster. The
             rewrite runs once, in a child process, when the models load.
+        workers: Model runs (a detection or one line's recognition) that may run at once
+            across all concurrent reads of this reader. Above 1, the runs go to a pool of
+            that many threads, so the lines of one large region are recognised in
+            parallel while the other reads of the frame have ended. At 1 each read runs
+            its models in its own thread, one after another.
     """
 
     name = "text"
@@ -133,6 +141,7 @@ class TextReader(Reader):
         single_line_aspect: float = 4.0,
         max_detect_pixels: int = 1_000_000,
         rewrite_models: bool = True,
+        workers: int = 1,
     ) -> None:
         if threads < 1:
             msg = f"threads must be at least 1, got {threads}"
@@ -145,6 +154,9 @@ class TextReader(Reader):
             raise ValueError(msg)
         if single_line_aspect <= 0:
             msg = f"single_line_aspect must be positive, got {single_line_aspect}"
+            raise ValueError(msg)
+        if workers < 1:
+            msg = f"workers must be at least 1, got {workers}"
             raise ValueError(msg)
         if max_detect_pixels < _DET_STRIDE * _DET_STRIDE:
             msg = f"max_detect_pixels must be at least {_DET_STRIDE**2}, got {max_detect_pixels}"
@@ -162,6 +174,8 @@ class TextReader(Reader):
         self.single_line_aspect = single_line_aspect
         self.max_detect_pixels = max_detect_pixels
         self.rewrite_models = rewrite_models
+        self.workers = workers
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         #: Whether the loaded engine runs the rewritten models (set when the engine loads).
         self.models_rewritten = False
         self._engine: Any = None
@@ -265,10 +279,13 @@ class TextReader(Reader):
         self._recognise([np.full((_REC_HEIGHT, 320, 3), 255, dtype=np.uint8)], None)
 
     def close(self) -> None:
-        """Drop the engine; the next read creates it again."""
+        """Drop the engine and the model-run threads; the next read creates them again."""
         with self._engine_lock:
             self._engine = None
             self.models_rewritten = False
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def read(self, image: Image, cancellation: Cancellation | None = None) -> Reading:
         """Read the text lines of an image, in reading order, with boxes in its pixels.
@@ -404,8 +421,12 @@ class TextReader(Reader):
         tensor = tensor.transpose(2, 0, 1)[np.newaxis]
 
         detector = self.engine.text_det
-        with self._detect_budget.reserve(det_height * det_width, cancellation):
-            prediction = _run(detector.infer.session, np.ascontiguousarray(tensor), cancellation)
+
+        def run() -> Any:
+            with self._detect_budget.reserve(det_height * det_width, cancellation):
+                return _run(detector.infer.session, np.ascontiguousarray(tensor), cancellation)
+
+        (prediction,) = self._run_all([run])
         boxes, _ = detector.postprocess_op(prediction, (height, width))
         if len(boxes) == 0:
             return []
@@ -417,12 +438,38 @@ class TextReader(Reader):
     ) -> list[tuple[str, float]]:
         """Recognise each line crop on its own, at its own width (see the module docstring)."""
         recogniser = self.engine.text_rec
-        results = []
-        for crop in crops:
+
+        def recognise(crop: Image) -> tuple[str, float]:
             prediction = _run(recogniser.session.session, _rec_tensor(crop), cancellation)
             (text, score), *_ = recogniser.postprocess_op(prediction)
-            results.append((str(text), float(score)))
-        return results
+            return str(text), float(score)
+
+        return self._run_all([functools.partial(recognise, crop) for crop in crops])
+
+    def _run_all(self, calls: Sequence[Callable[[], _Result]]) -> list[_Result]:
+        """Run model calls, in the pool of ``workers`` threads when there is one.
+
+        Returns their results in order. When a call raises, the calls that have not started
+        are dropped and the first exception is raised once the started ones have ended.
+        """
+        if self.workers == 1:
+            return [call() for call in calls]
+        pool = self._model_pool()
+        futures = [pool.submit(call) for call in calls]
+        try:
+            return [future.result() for future in futures]
+        finally:
+            for future in futures:
+                future.cancel()
+            concurrent.futures.wait(futures)
+
+    def _model_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._engine_lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    self.workers, thread_name_prefix="edge-ocr"
+                )
+            return self._pool
 
     def __repr__(self) -> str:
         return (
