@@ -5,8 +5,8 @@ The stages run one after another in this process, on the same frames:
 * ``detector``: :meth:`Detector.detect_counted` on each frame.
 * ``ocr``: the text reader on the crop of each detected region routed to it.
 * ``codes``: the code reader on the crop of each detected region routed to it.
-* ``codes_full_frame``: the code reader on each whole frame, unless
-  ``pipeline.full_frame_codes`` is ``never``.
+* ``codes_full_frame``: the pipeline's full-frame code decode on each whole frame (one scan
+  of a large frame), unless ``pipeline.full_frame_codes`` is ``never``.
 * ``pipeline``: :meth:`Pipeline.process` on each frame, with the configured concurrency and
   with ``pipeline.reuse_unchanged`` turned off, so that every region is read on every frame.
 
@@ -34,7 +34,12 @@ import onnxruntime as ort
 from edge import __version__
 from edge.config import Config
 from edge.errors import EdgeError
-from edge.factory import build_detector, build_pipeline, build_readers
+from edge.factory import (
+    build_detector,
+    build_pipeline,
+    build_readers,
+    full_frame_code_reader,
+)
 from edge.pipeline import MIN_REGION_SIDE, crop_with_margin
 from edge.results import Frame, Image, RegionStatus
 from edge.synth import render_scene
@@ -191,8 +196,9 @@ def measure_stages(
             reader.warm_up()
         text_reader = readers.get("text")
         rewritten = getattr(text_reader, "models_rewritten", None)
-        code_reader = readers.get("codes")
-        full_frame = code_reader is not None and config.pipeline.full_frame_codes != "never"
+        full_frame_reader = (
+            full_frame_code_reader() if config.pipeline.full_frame_codes != "never" else None
+        )
         routes = config.readers.routes
         for index, image in enumerate(generate_frames(frame_count, *size), start=1):
             logger.info("timing the stages one by one: frame %d of %d", index, frame_count)
@@ -206,8 +212,8 @@ def measure_stages(
                 reader = readers[reader_name]
                 crop, _ = crop_with_margin(image, box, reader.crop_margin)
                 stages[_READER_STAGES[reader_name]].call(reader.read, crop)
-            if full_frame and code_reader is not None:
-                stages["codes_full_frame"].call(code_reader.read, image)
+            if full_frame_reader is not None:
+                stages["codes_full_frame"].call(full_frame_reader.read, image)
     finally:
         for reader in readers.values():
             reader.close()

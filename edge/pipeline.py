@@ -92,7 +92,8 @@ class Pipeline:
         routes: Detector class name to the reader of that class; regions of other classes
             are reported with no reader and status ``empty``.
         code_reader: Reader for the full-frame code decode (see ``full_frame_codes``), or
-            ``None`` to never run it.
+            ``None`` to never run it. Regions routed to a reader of the same ``name`` are
+            the code regions of the ``when_none_read`` policy.
         options: Concurrency, timeouts and the full-frame policy.
     """
 
@@ -173,7 +174,8 @@ class Pipeline:
     ) -> list[RegionResult]:
         jobs = [self._job_for(frame, region) for region in regions]
         policy = self._options.full_frame_codes
-        code_classes = {c for c, r in self._routes.items() if r is self._code_reader}
+        code_name = self._code_reader.name if self._code_reader is not None else None
+        code_classes = {c for c, r in self._routes.items() if r.name == code_name}
         has_code_region = any(r.class_name in code_classes for r in regions)
         # With no code region detected, the full-frame decode cannot be made redundant by a
         # region read, so it starts at once beside them instead of after them.

@@ -216,11 +216,16 @@ async def test_pipeline_full_frame_fallback_when_nothing_detected(code_reader: C
 
 
 async def test_pipeline_fallback_skipped_when_region_read(code_reader: CodeReader) -> None:
-    """When a detected region yields its code, no full-frame region duplicates it."""
+    """When a detected region yields its code, no full-frame region duplicates it.
+
+    The full-frame reader is another instance, as the factory builds it: regions routed to
+    a reader of the same name count as code regions.
+    """
     scene = _scene(15, labels=(0, 0), codes=(1, 1))
     regions = _regions(scene)
     routes: dict[str, Reader] = {regions[0].class_name: code_reader}
-    pipeline = Pipeline(OracleDetector(regions), routes, code_reader=code_reader)
+    full_frame = CodeReader(retry_max_pixels=0)
+    pipeline = Pipeline(OracleDetector(regions), routes, code_reader=full_frame)
     try:
         result = await pipeline.process(_frame(scene))
     finally:

@@ -189,6 +189,31 @@ def test_decode_codes_inverted_qr() -> None:
     assert only_code(decode_codes(image)).data == b"inverted payload"
 
 
+def test_code_reader_retry_max_pixels() -> None:
+    """An image over retry_max_pixels is scanned once.
+
+    A light-on-dark QR code, which needs the inverted retry, is missed over the limit and
+    found at it. A plain one is found either way.
+    """
+    inverted = as_image(cv2.bitwise_not(render_qr("inverted payload")))
+    plain = as_image(render_qr("plain payload"))
+    pixels = inverted.shape[0] * inverted.shape[1]
+    assert CodeReader(retry_max_pixels=pixels - 1).read(inverted).empty
+    found = CodeReader(retry_max_pixels=pixels).read(inverted)
+    assert only_code(found).data == b"inverted payload"
+    assert only_code(CodeReader(retry_max_pixels=0).read(plain)).data == b"plain payload"
+
+
+def test_decode_codes_try_harder_needs_retries() -> None:
+    with pytest.raises(ValueError, match="try_harder runs every retry"):
+        decode_codes(as_image(render_qr("x")), try_harder=True, retries=False)
+
+
+def test_code_reader_negative_retry_max_pixels() -> None:
+    with pytest.raises(ValueError, match="retry_max_pixels must be 0 or more, got -1"):
+        CodeReader(retry_max_pixels=-1)
+
+
 def test_decode_codes_low_contrast_qr() -> None:
     """A grey-on-grey QR code with a contrast of 24 levels is decoded."""
     image = render_qr("low contrast", dark="#707070", light="#888888")

@@ -367,6 +367,7 @@ def decode_codes(
     *,
     symbologies: Collection[str] = (),
     try_harder: bool = False,
+    retries: bool = True,
 ) -> Reading:
     """Decode the QR codes and barcodes in an image with zbar.
 
@@ -382,6 +383,8 @@ def decode_codes(
         try_harder: Run every retry and merge the results instead of stopping at the
             first scan that finds a symbol, and add larger upscales and denoised copies.
             Slower, by up to about ten zbar scans per image.
+        retries: Run the retries when the first scan finds nothing. Without them the image
+            is scanned once, as plain zbar would.
 
     Returns:
         The codes found, with boxes in ``image`` pixels; an empty reading if none.
@@ -389,8 +392,12 @@ def decode_codes(
     Raises:
         ImageError: If the image has an unsupported dtype, shape or channel count.
         ReaderError: If the zbar library cannot be loaded.
-        ValueError: If a symbology name is unknown.
+        ValueError: If a symbology name is unknown, or ``try_harder`` is set without
+            ``retries``.
     """
+    if try_harder and not retries:
+        msg = "try_harder runs every retry, so it needs retries=True"
+        raise ValueError(msg)
     type_ids = _symbology_ids(symbologies)
     zbar = _get_zbar()
     found: dict[tuple[str, bytes], Code] = {}
@@ -402,6 +409,8 @@ def decode_codes(
             logger.debug("zbar found %d symbols on the %s image", len(symbols), attempt.name)
             if not try_harder:
                 break
+        if not retries:
+            break
     return Reading(codes=tuple(found.values()))
 
 
@@ -423,6 +432,10 @@ class CodeReader(Reader):
         symbologies: Format names to enable (``"QRCODE"``, ``"EAN13"``, ...); empty enables
             zbar's default set (all 1D and 2D codes it supports).
         try_harder: Run every retry and merge results (see :func:`decode_codes`).
+        retry_max_pixels: Images with more pixels are scanned once, without the retries
+            on prepared copies (see :func:`decode_codes`), which cost up to six more scans.
+            ``None`` retries on every image. The pipeline's full-frame decode sets it, so
+            that a large frame is scanned once, as plain zbar would.
     """
 
     name = "codes"
@@ -434,10 +447,20 @@ class CodeReader(Reader):
     # frame, against about 2.75 ms for OCR of text crops (edge bench, 2-core x86-64).
     cost_per_pixel = 0.05
 
-    def __init__(self, *, symbologies: Collection[str] = (), try_harder: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        symbologies: Collection[str] = (),
+        try_harder: bool = False,
+        retry_max_pixels: int | None = None,
+    ) -> None:
         _symbology_ids(symbologies)
+        if retry_max_pixels is not None and retry_max_pixels < 0:
+            msg = f"retry_max_pixels must be 0 or more, got {retry_max_pixels}"
+            raise ValueError(msg)
         self.symbologies = tuple(symbologies)
         self.try_harder = try_harder
+        self.retry_max_pixels = retry_max_pixels
 
     def read(self, image: Image, cancellation: Cancellation | None = None) -> Reading:
         """Decode the codes in a crop; boxes are in crop pixels.
@@ -445,7 +468,16 @@ class CodeReader(Reader):
         ``cancellation`` is ignored: a hung decode is stopped by killing its worker process.
         """
         try:
-            return decode_codes(image, symbologies=self.symbologies, try_harder=self.try_harder)
+            retries = (
+                self.retry_max_pixels is None
+                or image.shape[0] * image.shape[1] <= self.retry_max_pixels
+            )
+            return decode_codes(
+                image,
+                symbologies=self.symbologies,
+                try_harder=self.try_harder and retries,
+                retries=retries,
+            )
         finally:
             # The worker process lives on between reads: without this it keeps the heap of
             # its largest decode (a full 1920 x 1080 frame with retries, about 25 MB).
@@ -456,4 +488,7 @@ class CodeReader(Reader):
         decode_codes(np.full((32, 32), 255, dtype=np.uint8))
 
     def __repr__(self) -> str:
-        return f"CodeReader(symbologies={self.symbologies!r}, try_harder={self.try_harder!r})"
+        return (
+            f"CodeReader(symbologies={self.symbologies!r}, try_harder={self.try_harder!r}, "
+            f"retry_max_pixels={self.retry_max_pixels!r})"
+        )
