@@ -385,6 +385,7 @@ class TextReader(Reader):
             return _reading_order(self._detect_part(image, 1.0, cancellation))
         whole_scale = math.sqrt(self.max_detect_pixels / (height * width))
         first = self._detect_part(image, whole_scale, cancellation)
+        trim_heap()
         heights = [float(np.ptp(box[:, 1])) * whole_scale for box in first]
         if not first or float(np.median(heights)) >= _SMALL_LINE_ROWS:
             return _reading_order(first)
@@ -399,7 +400,11 @@ class TextReader(Reader):
         top = 0
         while True:
             bottom = min(height, top + rows)
-            for box in self._detect_part(image[top:bottom], scale, cancellation):
+            part = self._detect_part(image[top:bottom], scale, cancellation)
+            # Strips may run on different threads, each with its own heap: without a trim,
+            # each heap would keep the buffers of a whole detection.
+            trim_heap()
+            for box in part:
                 box[:, 1] += top
                 touches_top = top > 0 and box[:, 1].min() <= top + margin
                 touches_bottom = bottom < height and box[:, 1].max() >= bottom - margin
