@@ -454,6 +454,42 @@ def test_text_reader_workers_failure_costs_that_read(
     assert len(pooled_reader.read(image).lines) == 6
 
 
+def _quad(left: float, top: float, right: float, bottom: float) -> Any:
+    return np.array([[left, top], [right, top], [right, bottom], [left, bottom]], dtype=np.float32)
+
+
+def test_join_split_lines(reader: TextReader) -> None:
+    """Boxes side by side with a narrow gap become one; columns and other lines stay apart."""
+    enclosing = reader.engine.text_det.postprocess_op.get_mini_boxes
+    boxes = [
+        _quad(10, 100, 40, 120),  # "17"
+        _quad(45, 101, 75, 121),  # "87", 5 px further: joined with "17"
+        _quad(200, 100, 260, 120),  # a column 125 px further: kept apart
+        _quad(270, 95, 330, 135),  # twice as high: kept apart
+        _quad(10, 140, 60, 160),  # the next line: kept apart
+    ]
+    joined = text_module._join_split_lines(boxes, enclosing)
+    assert len(joined) == 4
+    first = joined[0]
+    assert first.min(axis=0).tolist() == pytest.approx([10, 100], abs=1)
+    assert first.max(axis=0).tolist() == pytest.approx([75, 121], abs=1)
+    assert [box.tolist() for box in joined[1:]] == [box.tolist() for box in boxes[2:]]
+
+
+def test_join_split_lines_keeps_tilted_line_tight(reader: TextReader) -> None:
+    """Two parts of a tilted line join into a tilted box, not an upright one around both."""
+    enclosing = reader.engine.text_det.postprocess_op.get_mini_boxes
+    tilt = np.deg2rad(8)
+    rotation = np.array([[np.cos(tilt), -np.sin(tilt)], [np.sin(tilt), np.cos(tilt)]])
+    parts = [_quad(0, 0, 60, 20) @ rotation.T, _quad(66, 0, 126, 20) @ rotation.T]
+    parts = [np.asarray(part + 100, dtype=np.float32) for part in parts]
+    (joined,) = text_module._join_split_lines(parts, enclosing)
+    width = np.linalg.norm(joined[1] - joined[0])
+    height = np.linalg.norm(joined[3] - joined[0])
+    assert width == pytest.approx(126, abs=2)
+    assert height == pytest.approx(20, abs=2)
+
+
 def test_text_reader_tight_crop_words(reader: TextReader) -> None:
     """A crop cut tight around the text, lines touching its edges, still reads every line."""
     image = render_text(LABEL_LINES, (320, 160))

@@ -64,6 +64,13 @@ _STRIP_OVERLAP = 96
 _MIN_STRIP_ROWS = 256
 # A line box within this many detector pixels of a strip's inner edge is taken to be cut.
 _STRIP_EDGE_MARGIN = 4
+# Two detected boxes side by side are one line split apart when the gap between them is at
+# most _JOIN_GAP times the lower box's height, and their height ratio and vertical overlap
+# are at least _JOIN_HEIGHT_RATIO (see _join_split_lines). On 8 generated 1920 x 1080
+# scenes this found 544 rather than 538 of 642 words, as many as rapidocr on the whole
+# frame, mostly prices split at the point.
+_JOIN_GAP = 0.5
+_JOIN_HEIGHT_RATIO = 0.6
 # Margin (pixels) added around an input before detection, because the DB detector misses lines
 # that touch the image edge and detector regions are often cropped tight.
 _DET_PAD = 16
@@ -352,7 +359,9 @@ class TextReader(Reader):
         self, image: Image, cancellation: Cancellation | None
     ) -> list[tuple[str, float, FloatArray]]:
         padded = _pad_with_background(image, _DET_PAD)
-        boxes = self._detect(padded, cancellation)
+        boxes = _join_split_lines(
+            self._detect(padded, cancellation), self.engine.text_det.postprocess_op.get_mini_boxes
+        )
         # Detection's buffers are the largest of the read, so hand them back before the
         # recognition runs.
         trim_heap()
@@ -659,6 +668,45 @@ def _covered_share(box: FloatArray, other: FloatArray) -> float:
     overlap = float((right - left) * (bottom - top))
     areas = [float(np.prod(np.ptp(b, axis=0))) for b in (box, other)]
     return overlap / max(min(areas), 1e-6)
+
+
+def _join_split_lines(
+    boxes: list[FloatArray], enclosing_box: Callable[[Any], tuple[Any, float]]
+) -> list[FloatArray]:
+    """Join neighbouring boxes of one line that the detector split apart.
+
+    In small print the DB detector often splits a line at a narrow gap, such as the point of
+    a price ("17" and "87"), and each part alone is read as a short, padded line. Two boxes
+    next to each other in reading order become one under three conditions. The lower box
+    is at least ``_JOIN_HEIGHT_RATIO`` times as high as the other. They overlap vertically
+    by at least that share of the lower box's height. The gap between them is at most
+    ``_JOIN_GAP`` times that height. The joined box is the smallest rotated rectangle
+    around both (``enclosing_box`` is rapidocr's ``get_mini_boxes``), so tilted lines stay
+    tight.
+    """
+    joined: list[FloatArray] = []
+    for box in boxes:
+        if joined:
+            left, top = joined[-1].min(axis=0)
+            right, bottom = joined[-1].max(axis=0)
+            next_left, next_top = box.min(axis=0)
+            next_bottom = box[:, 1].max()
+            lower = min(bottom - top, next_bottom - next_top)
+            higher = max(bottom - top, next_bottom - next_top)
+            overlap = min(bottom, next_bottom) - max(top, next_top)
+            gap = next_left - right
+            if (
+                lower >= _JOIN_HEIGHT_RATIO * higher
+                and overlap >= _JOIN_HEIGHT_RATIO * lower
+                and -_JOIN_GAP * lower <= gap <= _JOIN_GAP * lower
+                and next_left > left
+            ):
+                points = np.concatenate([joined[-1], box]).reshape(-1, 1, 2)
+                enclosing, _ = enclosing_box(points.astype(np.float32))
+                joined[-1] = np.asarray(enclosing, dtype=np.float32)
+                continue
+        joined.append(box)
+    return joined
 
 
 def _reading_order(boxes: list[FloatArray]) -> list[FloatArray]:
