@@ -57,7 +57,8 @@ _MIN_TEXT_SIDE = 4
 # and on none of 16 generated scenes (lowest median 18 rows).
 _SMALL_LINE_ROWS = 16.0
 # Inputs over max_detect_pixels are detected in horizontal strips that overlap by this many
-# detector rows, so a line up to this high lies whole inside one strip.
+# detector rows, so a line up to this high, less twice _STRIP_EDGE_MARGIN, lies whole inside
+# one strip.
 _STRIP_OVERLAP = 96
 # Minimum detector rows of a strip. An input too wide for strips this high within
 # max_detect_pixels is downscaled first.
@@ -65,7 +66,7 @@ _MIN_STRIP_ROWS = 256
 # A line box within this many detector pixels of a strip's inner edge is taken to be cut.
 _STRIP_EDGE_MARGIN = 4
 # Two detected boxes side by side are one line split apart when the gap between them is at
-# most _JOIN_GAP times the lower box's height, and their height ratio and vertical overlap
+# most _JOIN_GAP times the shorter box's height, and their height ratio and vertical overlap
 # are at least _JOIN_HEIGHT_RATIO (see _join_split_lines). On 8 generated 1920 x 1080
 # scenes this found 544 rather than 538 of 642 words, as many as rapidocr on the whole
 # frame, mostly prices split at the point.
@@ -127,11 +128,12 @@ class TextReader(Reader):
         rewrite_models: Run the models with the exact graph rewrites of
             :mod:`edge.readers.graph`, which make detection and recognition faster. The
             rewrite runs once, in a child process, when the models load.
-        workers: Model runs (a detection or one line's recognition) that may run at once
-            across all concurrent reads of this reader. Above 1, the runs go to a pool of
-            that many threads, so the lines of one large region are recognised in
-            parallel while the other reads of the frame have ended. At 1 each read runs
-            its models in its own thread, one after another.
+        workers: Threads that run the model calls (a detection, or one line's recognition)
+            of all concurrent reads of this reader, taking turns between the reads
+            (:class:`ModelCalls`). Set it to the number of concurrent reads: each read then
+            gets at least one thread's share, and when one large region is read alone at the
+            end of a frame, its lines are recognised on every thread. At 1 each read runs
+            its model calls in its own thread, one after another.
     """
 
     name = "text"
@@ -182,7 +184,7 @@ class TextReader(Reader):
         self.max_detect_pixels = max_detect_pixels
         self.rewrite_models = rewrite_models
         self.workers = workers
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._calls: ModelCalls | None = None
         #: Whether the loaded engine runs the rewritten models (set when the engine loads).
         self.models_rewritten = False
         self._engine: Any = None
@@ -290,9 +292,9 @@ class TextReader(Reader):
         with self._engine_lock:
             self._engine = None
             self.models_rewritten = False
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            calls, self._calls = self._calls, None
+        if calls is not None:
+            calls.close()
 
     def read(self, image: Image, cancellation: Cancellation | None = None) -> Reading:
         """Read the text lines of an image, in reading order, with boxes in its pixels.
@@ -323,8 +325,8 @@ class TextReader(Reader):
             else:
                 lines = self._detect_and_recognise(work, cancellation)
         finally:
-            # Each reading thread has its own glibc heap, which keeps what onnxruntime freed,
-            # so concurrent reads would otherwise add up their peaks.
+            # glibc keeps what onnxruntime freed in the heaps of the threads that ran the
+            # models, so concurrent reads would otherwise add up their peaks.
             trim_heap()
 
         result = []
@@ -401,25 +403,30 @@ class TextReader(Reader):
         scale = min(1.0, self.max_detect_pixels / (width * _MIN_STRIP_ROWS))
         det_width = max(_DET_STRIDE, round(width * scale / _DET_STRIDE) * _DET_STRIDE)
         det_rows = self.max_detect_pixels // det_width // _DET_STRIDE * _DET_STRIDE
-        rows = max(1, math.floor(det_rows / scale))
+        # Strips must see the print larger than the first pass did, and move down the image.
+        if scale <= whole_scale or det_rows <= _STRIP_OVERLAP + 2 * _STRIP_EDGE_MARGIN:
+            return _reading_order(first)
+        rows = math.floor(det_rows / scale)
         overlap = math.ceil(_STRIP_OVERLAP / scale)
         margin = _STRIP_EDGE_MARGIN / scale
-        whole: list[FloatArray] = []
-        cut: list[FloatArray] = []
+        strips: list[tuple[list[FloatArray], list[FloatArray]]] = []
         top = 0
         while True:
             bottom = min(height, top + rows)
             part = self._detect_part(image[top:bottom], scale, cancellation)
-            # Strips may run on different threads, each with its own heap: without a trim,
-            # each heap would keep the buffers of a whole detection.
+            # The strips may run on different threads: without a trim, each heap they use
+            # would keep the buffers of a whole detection.
             trim_heap()
+            whole: list[FloatArray] = []
+            cut: list[FloatArray] = []
             for box in part:
                 box[:, 1] += top
                 touches_top = top > 0 and box[:, 1].min() <= top + margin
                 touches_bottom = bottom < height and box[:, 1].max() >= bottom - margin
                 (cut if touches_top or touches_bottom else whole).append(box)
+            strips.append((whole, cut))
             if bottom == height:
-                return _reading_order(_join_strips(whole, cut))
+                return _reading_order(_join_strips(strips))
             top = bottom - overlap
 
     def _detect_part(
@@ -461,29 +468,14 @@ class TextReader(Reader):
         return self._run_all([functools.partial(recognise, crop) for crop in crops])
 
     def _run_all(self, calls: Sequence[Callable[[], _Result]]) -> list[_Result]:
-        """Run model calls, in the pool of ``workers`` threads when there is one.
-
-        Returns their results in order. When a call raises, the calls that have not started
-        are dropped and the first exception is raised once the started ones have ended.
-        """
+        """Run model calls, on the shared worker threads when there are several workers."""
         if self.workers == 1:
             return [call() for call in calls]
-        pool = self._model_pool()
-        futures = [pool.submit(call) for call in calls]
-        try:
-            return [future.result() for future in futures]
-        finally:
-            for future in futures:
-                future.cancel()
-            concurrent.futures.wait(futures)
-
-    def _model_pool(self) -> concurrent.futures.ThreadPoolExecutor:
         with self._engine_lock:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    self.workers, thread_name_prefix="edge-ocr"
-                )
-            return self._pool
+            if self._calls is None:
+                self._calls = ModelCalls(self.workers)
+            shared = self._calls
+        return shared.run(calls)
 
     def __repr__(self) -> str:
         return (
@@ -493,6 +485,100 @@ class TextReader(Reader):
             f"max_detect_pixels={self.max_detect_pixels}, "
             f"rewrite_models={self.rewrite_models})"
         )
+
+
+class ModelCalls:
+    """Worker threads that run the model calls of concurrent reads, taking turns between reads.
+
+    Each read hands over its calls (one detection, or one call per line) and waits for their
+    results. The workers take one call at a time from the reads in turn. Each of at most
+    ``workers`` concurrent reads so gets at least one worker's share, as if it ran alone in
+    its own thread. A read left alone at the end of a frame gets every worker. Calls of one
+    read never wait behind all the calls of another, so one read's timeout stays its own.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self._workers = workers
+        self._condition = threading.Condition()
+        # Pending calls per read, in the order the workers serve the reads.
+        self._pending: collections.OrderedDict[
+            int, collections.deque[tuple[concurrent.futures.Future[Any], Callable[[], Any]]]
+        ] = collections.OrderedDict()
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+
+    def run(self, calls: Sequence[Callable[[], _Result]]) -> list[_Result]:
+        """Run ``calls`` on the workers and return their results in order.
+
+        When a call raises, the calls not yet started are dropped, and the first exception in
+        call order is raised once the started calls have ended.
+
+        Raises:
+            ReaderError: If :meth:`close` was called before or during the run.
+        """
+        futures: list[concurrent.futures.Future[Any]] = [concurrent.futures.Future() for _ in calls]
+        key = id(futures)
+        with self._condition:
+            if self._closed:
+                msg = "text reader was closed; create or warm up the reader again"
+                raise ReaderError(msg)
+            self._pending[key] = collections.deque(zip(futures, calls, strict=True))
+            self._start_workers()
+            self._condition.notify_all()
+        try:
+            return [future.result() for future in futures]
+        finally:
+            with self._condition:
+                not_taken = self._pending.pop(key, ())
+            # Calls no worker took are this read's to drop. A worker that took one notices
+            # the cancellation itself when it is about to start it.
+            for future, _ in not_taken:
+                future.cancel()
+                future.set_running_or_notify_cancel()
+            for future in futures:
+                future.cancel()
+            concurrent.futures.wait(futures)
+
+    def close(self) -> None:
+        """Stop the workers once their running calls end; fail the calls not yet started."""
+        with self._condition:
+            self._closed = True
+            pending = [future for queue in self._pending.values() for future, _ in queue]
+            self._pending.clear()
+            self._condition.notify_all()
+        for future in pending:
+            if future.set_running_or_notify_cancel():
+                msg = "text reader was closed while this read waited for a model call"
+                future.set_exception(ReaderError(msg))
+
+    def _start_workers(self) -> None:
+        while len(self._threads) < self._workers:
+            thread = threading.Thread(
+                target=self._work, name=f"edge-ocr-{len(self._threads)}", daemon=True
+            )
+            self._threads.append(thread)
+            thread.start()
+
+    def _work(self) -> None:
+        while True:
+            with self._condition:
+                while not self._closed and not any(self._pending.values()):
+                    self._condition.wait()
+                if self._closed:
+                    return
+                key = next(key for key, queue in self._pending.items() if queue)
+                future, call = self._pending[key].popleft()
+                # The next call goes to the next read in turn.
+                self._pending.move_to_end(key)
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = call()
+            except BaseException as exc:
+                # Whatever the call raised is raised again in the read that waits for it.
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
 
 
 class PixelBudget:
@@ -643,31 +729,41 @@ def _count_ink_bands(image: Image) -> int:
     return int(len(starts) + (1 if ink_rows[0] else 0))
 
 
-def _join_strips(whole: list[FloatArray], cut: list[FloatArray]) -> list[FloatArray]:
+def _join_strips(strips: Sequence[tuple[list[FloatArray], list[FloatArray]]]) -> list[FloatArray]:
     """Combine the line boxes of overlapping detection strips into one box per line.
 
-    ``whole`` are boxes clear of their strip's inner edges, ``cut`` boxes that touch one.
-    A line inside the overlap of two strips is whole in both: the second copy, one that
-    covers at least half of an earlier box, is dropped. A cut box is kept only when no whole
-    box covers half of it, which happens for lines taller than the overlap.
+    ``strips`` holds, for each strip from the top, its boxes clear of the strip's inner
+    edges (whole) and its boxes that touch one (cut). A line inside the overlap of two
+    neighbouring strips is whole in both: the lower strip's copy is dropped when it and a
+    box of the strip above cover half of the smaller one. A cut box is kept only when no
+    whole box of a neighbouring strip covers half of it, which happens for lines taller
+    than the overlap. Boxes of the same strip are never compared.
     """
-    lines: list[FloatArray] = []
-    for box in whole:
-        if not any(_covered_share(box, other) >= 0.5 for other in lines):
-            lines.append(box)
-    pieces = [box for box in cut if not any(_covered_share(box, other) >= 0.5 for other in lines)]
-    return lines + pieces
+    lines: list[tuple[int, FloatArray]] = []
+    for index, (whole, _) in enumerate(strips):
+        for box in whole:
+            if not any(
+                strip == index - 1 and _overlap_share(box, other) >= 0.5 for strip, other in lines
+            ):
+                lines.append((index, box))
+    pieces = [
+        box
+        for index, (_, cut) in enumerate(strips)
+        for box in cut
+        if not any(
+            abs(strip - index) == 1 and _overlap_share(box, other) >= 0.5 for strip, other in lines
+        )
+    ]
+    return [box for _, box in lines] + pieces
 
 
-def _covered_share(box: FloatArray, other: FloatArray) -> float:
-    """Return the larger share of either bounding rectangle that lies inside the other."""
-    left, top = np.maximum(box.min(axis=0), other.min(axis=0))
-    right, bottom = np.minimum(box.max(axis=0), other.max(axis=0))
-    if right <= left or bottom <= top:
+def _overlap_share(box: FloatArray, other: FloatArray) -> float:
+    """Return the area two convex quadrilaterals share, over the smaller one's area."""
+    smaller = min(cv2.contourArea(box), cv2.contourArea(other))
+    if smaller <= 0:
         return 0.0
-    overlap = float((right - left) * (bottom - top))
-    areas = [float(np.prod(np.ptp(b, axis=0))) for b in (box, other)]
-    return overlap / max(min(areas), 1e-6)
+    shared, _ = cv2.intersectConvexConvex(box, other)
+    return float(shared) / float(smaller)
 
 
 def _join_split_lines(
@@ -677,9 +773,9 @@ def _join_split_lines(
 
     In small print the DB detector often splits a line at a narrow gap, such as the point of
     a price ("17" and "87"), and each part alone is read as a short, padded line. Two boxes
-    next to each other in reading order become one under three conditions. The lower box
-    is at least ``_JOIN_HEIGHT_RATIO`` times as high as the other. They overlap vertically
-    by at least that share of the lower box's height. The gap between them is at most
+    next to each other in reading order become one under three conditions. The shorter
+    box is at least ``_JOIN_HEIGHT_RATIO`` times as high as the other. They overlap vertically
+    by at least that share of the shorter box's height. The gap between them is at most
     ``_JOIN_GAP`` times that height. The joined box is the smallest rotated rectangle
     around both (``enclosing_box`` is rapidocr's ``get_mini_boxes``), so tilted lines stay
     tight.
@@ -691,14 +787,14 @@ def _join_split_lines(
             right, bottom = joined[-1].max(axis=0)
             next_left, next_top = box.min(axis=0)
             next_bottom = box[:, 1].max()
-            lower = min(bottom - top, next_bottom - next_top)
-            higher = max(bottom - top, next_bottom - next_top)
+            shorter = min(bottom - top, next_bottom - next_top)
+            taller = max(bottom - top, next_bottom - next_top)
             overlap = min(bottom, next_bottom) - max(top, next_top)
             gap = next_left - right
             if (
-                lower >= _JOIN_HEIGHT_RATIO * higher
-                and overlap >= _JOIN_HEIGHT_RATIO * lower
-                and -_JOIN_GAP * lower <= gap <= _JOIN_GAP * lower
+                shorter >= _JOIN_HEIGHT_RATIO * taller
+                and overlap >= _JOIN_HEIGHT_RATIO * shorter
+                and -_JOIN_GAP * shorter <= gap <= _JOIN_GAP * shorter
                 and next_left > left
             ):
                 points = np.concatenate([joined[-1], box]).reshape(-1, 1, 2)
