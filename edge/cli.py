@@ -16,7 +16,7 @@ from typing import Any
 from edge import __version__
 from edge.config import Config, load_config, parse_config
 from edge.errors import ConfigError, EdgeError
-from edge.memory import limit_heap_arenas
+from edge.memory import HEAP_ARENAS, limit_heap_arenas
 
 logger = logging.getLogger("edge.cli")
 
@@ -200,7 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(config)
     # Before any thread starts: onnxruntime, the readers and the pipeline create theirs later.
-    limit_heap_arenas()
+    if limit_heap_arenas():
+        logger.debug("threads share at most %d glibc heaps", HEAP_ARENAS)
     try:
         if args.command == "scan":
             from edge.scan import scan

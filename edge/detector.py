@@ -163,7 +163,8 @@ class Detector:
         if unknown:
             msg = (
                 f"merge_classes names {', '.join(map(repr, unknown))}, which the model does "
-                f"not have; its classes are {', '.join(self._class_names)}"
+                f"not have; its classes are {', '.join(self._class_names)}: set "
+                "detector.merge_classes to some of them, or to [] to merge nothing"
             )
             raise ModelError(msg, path=str(self._model_path))
         self._merge_ids = sorted({self._class_names.index(name) for name in merge_classes})

@@ -188,7 +188,9 @@ def measure_stages(
     stages = {name: StageTimes(name, unit) for name, unit in STAGES.items() if name != "pipeline"}
     # Readers load their models lazily, so building them first leaves nothing to close if
     # the detector fails to load.
-    readers = build_readers(config)
+    # Each stage is timed alone: one read at a time, its model calls in its own thread.
+    alone = replace(config, pipeline=replace(config.pipeline, concurrency=1))
+    readers = build_readers(alone)
     detector = build_detector(config)
     try:
         detector.warm_up()

@@ -215,8 +215,21 @@ async def test_pipeline_full_frame_fallback_when_nothing_detected(code_reader: C
     }
 
 
+class RecordingCodeReader(Reader):
+    """A full-frame code reader that records its calls and finds nothing."""
+
+    name = "codes"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def read(self, image: Image, cancellation: Cancellation | None = None) -> Reading:
+        self.calls += 1
+        return Reading()
+
+
 async def test_pipeline_fallback_skipped_when_region_read(code_reader: CodeReader) -> None:
-    """When a detected region yields its code, no full-frame region duplicates it.
+    """When a detected region yields its code, the full-frame decode does not run.
 
     The full-frame reader is another instance, as the factory builds it: regions routed to
     a reader of the same name count as code regions.
@@ -224,13 +237,15 @@ async def test_pipeline_fallback_skipped_when_region_read(code_reader: CodeReade
     scene = _scene(15, labels=(0, 0), codes=(1, 1))
     regions = _regions(scene)
     routes: dict[str, Reader] = {regions[0].class_name: code_reader}
-    full_frame = CodeReader(retry_max_pixels=0)
+    full_frame = RecordingCodeReader()
     pipeline = Pipeline(OracleDetector(regions), routes, code_reader=full_frame)
     try:
         result = await pipeline.process(_frame(scene))
     finally:
         await pipeline.aclose()
     assert [r.origin for r in result.regions] == [Origin.DETECTOR]
+    assert result.regions[0].reading.codes
+    assert full_frame.calls == 0
 
 
 async def test_pipeline_rejects_degenerate_regions(code_reader: CodeReader) -> None:
