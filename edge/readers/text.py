@@ -82,14 +82,9 @@ _NORM_MEAN = 0.5
 _NORM_STD = 0.5
 # Input height of the PP-OCRv4 recogniser; lines are scaled to it, keeping their aspect ratio.
 _REC_HEIGHT = 48
-# Recogniser inputs get at least _REC_TAIL pixels of padding (zeros, mid-grey) after the line,
-# then their width is rounded up to a multiple of _REC_WIDTH_STEP and to at least
-# _REC_MIN_WIDTH. PP-OCR pads lines to 320 pixels, the width its recogniser was trained at, but
-# most lines are shorter: on generated 720p scenes the median line was 232 pixels wide at the
-# recogniser's height. On 30 generated 720p scenes, 16 at 1080p and the corpus's text images,
-# this padding found 4041 words rather than 4042 with 320, in 18% less recognition time (26.0
-# rather than 31.7 CPU seconds). Without the tail of background (a minimum of 192 and no
-# tail), 4037 words: the recogniser misread a line's last glyphs more often.
+# Recogniser inputs get _REC_TAIL columns of background after the line, then are widened to a
+# multiple of _REC_WIDTH_STEP and at least _REC_MIN_WIDTH. On 4746 words this found 4041 rather
+# than 4042 with PP-OCR's fixed 320-pixel width in 18% less recognition time.
 _REC_WIDTH_STEP = 8
 _REC_MIN_WIDTH = 128
 _REC_TAIL = 32
