@@ -21,11 +21,16 @@ from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 from rapidocr_onnxruntime import RapidOCR
 
+from edge.config import load_config
 from edge.errors import ReaderError
+from edge.factory import build_detector
+from edge.pipeline import crop_with_margin
 from edge.readers import text as text_module
 from edge.readers.base import Cancellation, ReadCancelled
 from edge.readers.text import ModelCalls, PixelBudget, TextReader
-from edge.results import Image, Reading
+from edge.results import Box, Image, Reading
+from edge.reuse import box_iou
+from edge.synth import render_scene
 
 FONT_PATH = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 CORPUS = Path("/work/shared/corpus")
@@ -340,6 +345,28 @@ def test_text_reader_small_print_detected_in_strips(monkeypatch: pytest.MonkeyPa
     assert len(shapes) == 1
     assert sum(text in expected for text in downscaled) < len(expected)
     small.close()
+
+
+def test_text_reader_small_blurred_label_detected_upscaled(
+    reader: TextReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small label whose print the detector misses at its own size is read at twice it."""
+    rng = np.random.default_rng(1)
+    scene = [render_scene(rng, 1280, 720, labels=(1, 8), codes=(0, 4)) for _ in range(11)][-1]
+    label = next(o for o in scene.objects if o.value.startswith("Organic Whole Milk"))
+    detector = build_detector(load_config(None))
+    regions, _ = detector.detect_counted(scene.image)
+    detector.close()
+    region = max(regions, key=lambda r: box_iou(r.box, Box(*(round(v) for v in label.box))))
+    crop, _ = crop_with_margin(scene.image, region.box, reader.crop_margin)
+    expected = ("organicwholemilk", "l5691a", "07.01.2027", "22.71")
+
+    text = squeeze(joined_text(reader.read(crop)))
+    monkeypatch.setattr(text_module, "_RETRY_SCALE", 1.0)
+    text_without_retry = squeeze(joined_text(reader.read(crop)))
+
+    assert all(word in text for word in expected), text
+    assert text_without_retry == "", "the default detector's box no longer needs the retry"
 
 
 def test_join_strips_keeps_one_box_per_line() -> None:

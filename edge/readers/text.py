@@ -4,9 +4,10 @@
 detector scales the shorter side up to 736 pixels (``limit_type: min``), so a small label
 crop costs more than a whole frame. It also runs the angle classifier on every line.
 :class:`TextReader` keeps rapidocr's models and post-processing but runs the steps itself:
-it never upscales, sends thin wide crops straight to the recogniser, runs the classifier only
-when asked, and sets the onnxruntime thread count. By default it also replaces rapidocr's
-onnxruntime sessions with sessions on equivalent, faster graphs (:mod:`edge.readers.graph`).
+it upscales only a small crop in which no line was found, sends thin wide crops straight to
+the recogniser, runs the classifier only when asked, and sets the onnxruntime thread count.
+By default it also replaces rapidocr's onnxruntime sessions with sessions on equivalent,
+faster graphs (:mod:`edge.readers.graph`).
 
 Recognition runs one line per onnxruntime call, so a cancelled read stops after at most one
 line, and no line is padded to the widest line of its batch as in rapidocr's batches of six.
@@ -72,6 +73,11 @@ _STRIP_EDGE_MARGIN = 4
 # frame, mostly prices split at the point.
 _JOIN_GAP = 0.5
 _JOIN_HEIGHT_RATIO = 0.6
+# A small input in which the text detector found no line at its own size is detected again at
+# this scale. On 30 generated 720p scenes this found 1347 rather than 1340 of 1660 words: a
+# blurred label with 10-pixel print. With 16 scenes at 1080p and the corpus, it ran 41 times,
+# for 0.1 s of detection in all.
+_RETRY_SCALE = 2.0
 # Margin (pixels) added around an input before detection, because the DB detector misses lines
 # that touch the image edge and detector regions are often cropped tight.
 _DET_PAD = 16
@@ -98,8 +104,9 @@ class TextReader(Reader):
 
     Crops whose aspect ratio (width / height) is at least ``single_line_aspect`` and whose
     rows show one band of ink, and crops under 32 pixels high, are read as one line by the
-    recogniser alone. Other inputs go through text detection at their own size (never
-    upscaled), then recognition of each detected line.
+    recogniser alone. Other inputs go through text detection at their own size, then
+    recognition of each detected line. A small input in which the detector finds no line is
+    detected again at twice its size.
 
     Args:
         threads: onnxruntime intra-op threads per model session, at least 1. Keep
@@ -381,7 +388,9 @@ class TextReader(Reader):
     def _detect(self, image: Image, cancellation: Cancellation | None) -> list[FloatArray]:
         """Run the DB text detector and return line boxes in the image's pixels.
 
-        An image of at most ``max_detect_pixels`` pixels is detected whole, at its own size.
+        An image of at most ``max_detect_pixels`` pixels is detected whole, at its own size,
+        and again at ``_RETRY_SCALE`` times its size if no line was found and that fits in
+        ``max_detect_pixels``.
         A larger one is first detected downscaled to about ``max_detect_pixels``. When the
         lines found there are small (median box height under ``_SMALL_LINE_ROWS`` detector
         rows, as on a receipt scan), small print may have been lost, so the image is
@@ -393,7 +402,11 @@ class TextReader(Reader):
         """
         height, width = image.shape[:2]
         if height * width <= self.max_detect_pixels:
-            return _reading_order(self._detect_part(image, 1.0, cancellation))
+            boxes = self._detect_part(image, 1.0, cancellation)
+            upscaled_pixels = height * width * _RETRY_SCALE**2
+            if not boxes and upscaled_pixels <= self.max_detect_pixels:
+                boxes = self._detect_part(image, _RETRY_SCALE, cancellation)
+            return _reading_order(boxes)
         whole_scale = math.sqrt(self.max_detect_pixels / (height * width))
         first = self._detect_part(image, whole_scale, cancellation)
         trim_heap()
