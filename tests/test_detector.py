@@ -781,6 +781,18 @@ def test_detector_threads_argument_applied(tmp_path: Path) -> None:
     assert session.get_session_options().inter_op_num_threads == 1
 
 
+def test_detector_threads_do_not_spin(tmp_path: Path) -> None:
+    """The detector's thread pool sleeps between runs instead of spinning on the readers' cores."""
+    output = anchors_last([[32, 32, 4, 4, 0.9, 0.0]])
+    model = write_model(tmp_path / "v8.onnx", output, metadata={"names": NAMES})
+    detector = Detector(model, threads=2)
+
+    session = detector._session
+    assert session is not None
+    options = session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 @pytest.mark.parametrize(
     ("shape", "expected"),
     [
