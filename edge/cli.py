@@ -16,6 +16,7 @@ from typing import Any
 from edge import __version__
 from edge.config import Config, load_config, parse_config
 from edge.errors import ConfigError, EdgeError
+from edge.images import use_one_opencv_thread
 from edge.memory import HEAP_ARENAS, limit_heap_arenas
 
 logger = logging.getLogger("edge.cli")
@@ -202,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Before any thread starts: onnxruntime, the readers and the pipeline create theirs later.
     if limit_heap_arenas():
         logger.debug("threads share at most %d glibc heaps", HEAP_ARENAS)
+    use_one_opencv_thread()
     try:
         if args.command == "scan":
             from edge.scan import scan

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, TextIO, TypeVar
 
+import cv2
 import numpy as np
 import onnxruntime as ort
 
@@ -162,6 +163,7 @@ def describe_device(config: Config, frame_count: int, size: tuple[int, int]) -> 
             "detector_intra_op_threads": detector_threads or usable_cpus,
             "readers.text.threads": config.readers.text.threads,
             "pipeline.concurrency": config.pipeline.concurrency,
+            "opencv_threads": cv2.getNumThreads(),
         },
         "model": str(config.detector.model),
         "settings": {
@@ -309,7 +311,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"threads: detector.threads = {threads['detector.threads']} "
         f"({threads['detector_intra_op_threads']} intra-op threads), "
         f"readers.text.threads = {threads['readers.text.threads']}, "
-        f"pipeline.concurrency = {threads['pipeline.concurrency']}",
+        f"pipeline.concurrency = {threads['pipeline.concurrency']}, "
+        f"OpenCV threads = {threads['opencv_threads']}",
         f"model: {report['model']}",
         "speed settings: "
         + ", ".join(f"{key} = {_toml(value)}" for key, value in report["settings"].items()),

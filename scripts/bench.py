@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from edge.config import load_config  # noqa: E402
 from edge.factory import build_pipeline  # noqa: E402
+from edge.images import use_one_opencv_thread  # noqa: E402
 from edge.pipeline import Pipeline  # noqa: E402
 from edge.results import Frame  # noqa: E402
 from edge.synth import render_scene  # noqa: E402
@@ -330,6 +331,9 @@ def frame_sets(args: argparse.Namespace) -> dict[str, list[Sample]]:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
+    import cv2
+
+    opencv_threads = cv2.getNumThreads()
     sets = frame_sets(args)
     modes = args.modes.split(",")
     total = sum(len(s) for s in sets.values()) * len(modes)
@@ -337,7 +341,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, dict[str, dict[str, 
     config = load_config(args.config)
     with tqdm(total=total, unit="frame", file=sys.stderr) as bar:
         for mode in modes:
-            if mode != "naive":
+            if mode == "naive":
+                cv2.setNumThreads(opencv_threads)
+            else:
+                # As `edge run` does at start; the naive way keeps OpenCV's default.
+                use_one_opencv_thread()
                 pipeline_config = config
                 if mode == "sequential":
                     from dataclasses import replace

@@ -97,6 +97,7 @@ def test_bench_json_default_threads(report: dict[str, Any]) -> None:
         "detector_intra_op_threads": len(os.sched_getaffinity(0)),
         "readers.text.threads": 1,
         "pipeline.concurrency": 2,
+        "opencv_threads": 1,
     }
     assert report["settings"] == {
         "detector.tile_scale": 4.0,
