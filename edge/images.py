@@ -61,7 +61,9 @@ def use_one_opencv_thread() -> None:
 
     The pipeline already reads regions on several threads at once, and OpenCV's pool would
     split each resize or warp of every read over all cores again. On 12 generated 1280x720
-    scenes, alternating in one process, the pipeline ran at 3.81 and 3.79 frames per second
-    with one OpenCV thread against 3.64 and 3.74 with OpenCV's default of one per core.
+    scenes (2-core x86-64, alternating in one process), the pipeline took 0.459 CPU seconds
+    per frame in two runs with one OpenCV thread, against 0.478 and 0.462 with OpenCV's
+    default of one per core. The gain in frames per second was within the spread of runs.
+    The setting is per process: worker processes must call this themselves.
     """
     cv2.setNumThreads(1)

@@ -333,7 +333,6 @@ def frame_sets(args: argparse.Namespace) -> dict[str, list[Sample]]:
 async def main_async(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
     import cv2
 
-    opencv_threads = cv2.getNumThreads()
     sets = frame_sets(args)
     modes = args.modes.split(",")
     total = sum(len(s) for s in sets.values()) * len(modes)
@@ -342,9 +341,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, dict[str, dict[str, 
     with tqdm(total=total, unit="frame", file=sys.stderr) as bar:
         for mode in modes:
             if mode == "naive":
-                cv2.setNumThreads(opencv_threads)
+                # -1 restores OpenCV's default, which a user running rapidocr would have.
+                cv2.setNumThreads(-1)
             else:
-                # As `edge run` does at start; the naive way keeps OpenCV's default.
+                # One OpenCV thread, as `edge run` sets at start.
                 use_one_opencv_thread()
                 pipeline_config = config
                 if mode == "sequential":

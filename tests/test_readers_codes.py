@@ -7,6 +7,8 @@ import io
 import json
 import multiprocessing
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -339,3 +341,18 @@ def test_decode_codes_corpus_qr_text(path: str) -> None:
     assert image is not None, f"cannot read {path}"
     texts = [code.text for code in decode_codes(as_image(image)).codes]
     assert CORPUS_QR[path] in texts
+
+
+def test_code_reader_one_opencv_thread() -> None:
+    """A worker process that runs the reader uses OpenCV without a thread pool."""
+    script = (
+        "import cv2, numpy as np\n"
+        "from edge.readers.codes import CodeReader\n"
+        "CodeReader().read(np.full((64, 64, 3), 255, dtype=np.uint8))\n"
+        "print(cv2.getNumThreads())\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "1"

@@ -347,10 +347,10 @@ def test_text_reader_small_print_detected_in_strips(monkeypatch: pytest.MonkeyPa
     small.close()
 
 
-def test_text_reader_small_blurred_label_detected_upscaled(
+def test_text_reader_upscales_blurred_label(
     reader: TextReader, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A small label whose print the detector misses at its own size is read at twice it."""
+    """A small label whose print the detector misses at its own size is read at twice its size."""
     rng = np.random.default_rng(1)
     scene = [render_scene(rng, 1280, 720, labels=(1, 8), codes=(0, 4)) for _ in range(11)][-1]
     label = next(o for o in scene.objects if o.value.startswith("Organic Whole Milk"))
@@ -367,6 +367,23 @@ def test_text_reader_small_blurred_label_detected_upscaled(
 
     assert all(word in text for word in expected), text
     assert text_without_retry == "", "the default detector's box no longer needs the retry"
+
+
+@pytest.mark.parametrize(("size", "detections"), [((400, 300), 2), ((700, 500), 1)])
+def test_text_reader_retry_pixel_limit(
+    reader: TextReader,
+    detector_inputs: list[tuple[int, ...]],
+    size: tuple[int, int],
+    detections: int,
+) -> None:
+    """A blank crop is detected again at twice its size only if that fits the pixel limit."""
+    blank = np.full((size[1], size[0], 3), 255, dtype=np.uint8)
+
+    assert reader.read(blank).lines == ()
+
+    assert len(detector_inputs) == detections
+    if detections == 2:
+        assert detector_inputs[1][2] > 1.9 * detector_inputs[0][2]
 
 
 def test_join_strips_keeps_one_box_per_line() -> None:
@@ -638,8 +655,8 @@ def test_text_reader_single_line_skips_detector(
     ("crop_width", "tensor_width"),
     [(10, 128), (48, 128), (96, 128), (97, 136), (300, 336), (640, 672)],
 )
-def test_rec_tensor_width_keeps_a_tail_of_background(crop_width: int, tensor_width: int) -> None:
-    """A line 48 pixels high gets 32 columns of zeros after it, at least 128 in all."""
+def test_rec_tensor_pads_grey_tail(crop_width: int, tensor_width: int) -> None:
+    """A line 48 pixels high gets 32 columns of zeros (mid-grey) after it, 128 at least."""
     crop = np.full((48, crop_width, 3), 255, dtype=np.uint8)
     tensor = text_module._rec_tensor(crop)
     assert tensor.shape == (1, 3, 48, tensor_width)
@@ -648,10 +665,16 @@ def test_rec_tensor_width_keeps_a_tail_of_background(crop_width: int, tensor_wid
 
 
 @pytest.mark.parametrize("word", ["EXIT", "Lot 7", "2.49", "Oat Milk"])
-def test_text_reader_short_single_lines(reader: TextReader, word: str) -> None:
-    """Short lines, padded far less than PP-OCR's 320 pixels, still read whole."""
-    crop = render_text([word], (24 + 14 * len(word), 40), origin=(8, 6))
-    assert squeeze(joined_text(reader.read(crop))) == squeeze(word)
+def test_text_reader_short_single_lines(
+    reader: TextReader, detector_inputs: list[tuple[int, ...]], word: str
+) -> None:
+    """Short lines go to the recogniser alone, padded far less than 320 pixels, and read whole."""
+    crop = render_text([word], (16 + 13 * len(word), 28), font_size=18, origin=(6, 3))
+
+    text = squeeze(joined_text(reader.read(crop)))
+
+    assert detector_inputs == []
+    assert text == squeeze(word)
 
 
 def test_text_reader_single_line_box_is_crop(reader: TextReader) -> None:
@@ -703,6 +726,9 @@ def test_text_reader_session_threads(threads: int) -> None:
         options = session.get_session_options()
         assert options.intra_op_num_threads == threads, name
         assert options.inter_op_num_threads == 1, name
+    for name in ("det", "rec"):
+        options = sessions[name].get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0", name
 
 
 def test_text_reader_threads_above_cores_lowered() -> None:
@@ -774,9 +800,9 @@ SROIE = corpus_entries("sroie2019/")[:3]
 def test_text_reader_full_frame_scene_words(reader: TextReader) -> None:
     """On whole 1280x720 scene frames, at least 5 of the 12 annotated words are read.
 
-    rapidocr with its default settings reads 6 of them. The reader reads 5: with less padding
-    than PP-OCR's 320 pixels it reads "EXIT" as "EXTT" (see ``_REC_TAIL`` for the measurement
-    on 4746 words behind that padding).
+    rapidocr with its default settings reads 6 of them. The reader reads 5: padded to less
+    than PP-OCR's minimum of 320 pixels, "EXIT" reads as "EXTT" (see ``_REC_TAIL`` for the
+    measurement on 4746 words behind that padding).
     """
     found = total = 0
     for entry in ICDAR:

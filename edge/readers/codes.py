@@ -10,6 +10,7 @@ contains the bytes stored in the symbol.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import math
 import unicodedata
@@ -21,6 +22,7 @@ import cv2
 import numpy as np
 
 from edge.errors import ImageError, ReaderError
+from edge.images import use_one_opencv_thread
 from edge.memory import trim_heap
 from edge.readers.base import Cancellation, OpKind, Reader
 from edge.results import Box, Code, Image, Reading
@@ -422,6 +424,9 @@ def _symbology_ids(names: Collection[str]) -> tuple[int, ...]:
     return tuple(SYMBOL_TYPES[name] for name in names)
 
 
+_use_one_opencv_thread_once = functools.cache(use_one_opencv_thread)
+
+
 class CodeReader(Reader):
     """Reads QR codes and barcodes with zbar, in a killable worker process.
 
@@ -466,7 +471,11 @@ class CodeReader(Reader):
         """Decode the codes in a crop; boxes are in crop pixels.
 
         ``cancellation`` is ignored: a hung decode is stopped by killing its worker process.
+        The first read in a process sets OpenCV to one thread (see
+        :func:`~edge.images.use_one_opencv_thread`), because the worker processes that run
+        this reader do not inherit the daemon's setting.
         """
+        _use_one_opencv_thread_once()
         try:
             retries = (
                 self.retry_max_pixels is None
