@@ -18,6 +18,7 @@ from edge.config import Config, load_config, parse_config
 from edge.errors import ConfigError, EdgeError
 from edge.images import use_one_opencv_thread
 from edge.memory import HEAP_ARENAS, limit_heap_arenas
+from edge.signals import SignalInbox
 
 logger = logging.getLogger("edge.cli")
 
@@ -220,19 +221,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         from edge.service import run_service
 
+        # Installed once: a SIGTERM while a run starts, drains or reloads stops the daemon
+        # cleanly instead of ending it at once (the default action).
+        signals = SignalInbox()
+        signals.install()
         while True:
-            # Until the service installs its handler, and between runs, SIGHUP is ignored
-            # instead of ending the process (its default action).
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             summary = asyncio.run(
                 run_service(
                     config,
                     max_frames=args.max_frames,
                     stdout=args.stdout,
                     config_path=args.config,
+                    signals=signals,
                 )
             )
             if summary.reload_config is None:
+                break
+            if signals.stop_signum is not None:
+                name = signal.Signals(signals.stop_signum).name
+                logger.info("received %s while reloading, so not starting again", name)
                 break
             config = summary.reload_config
             configure_logging(config)

@@ -28,6 +28,7 @@ from edge.notify import Notifier, Watchdog
 from edge.pipeline import Pipeline
 from edge.publisher import MqttPublisher
 from edge.results import Frame, FrameResult, RegionStatus
+from edge.signals import SignalInbox
 from edge.tracker import FIRST_SEEN, Tracker
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ async def run_service(
     max_frames: int | None = None,
     stdout: bool = False,
     config_path: Path | None = None,
+    signals: SignalInbox | None = None,
 ) -> RunSummary:
     """Run the daemon until the source ends, ``max_frames`` are done, or a signal arrives.
 
@@ -89,6 +91,8 @@ async def run_service(
         stdout: Also print every frame result as one JSON line on standard output.
         config_path: The file ``config`` came from, read again on SIGHUP; ``None`` reloads
             the defaults.
+        signals: An installed inbox that also keeps signals between runs. With ``None``,
+            the run takes signals only while frames flow.
     """
     logger.info(
         "edge %s starting: device %s, camera %s, model %s",
@@ -112,7 +116,16 @@ async def run_service(
     summary = RunSummary()
     try:
         await _run_stages(
-            config, notifier, watchdog, metrics, server, summary, max_frames, stdout, config_path
+            config,
+            notifier,
+            watchdog,
+            metrics,
+            server,
+            summary,
+            max_frames,
+            stdout,
+            config_path,
+            signals,
         )
     finally:
         watchdog_task.cancel()
@@ -140,6 +153,7 @@ async def _run_stages(
     max_frames: int | None,
     stdout: bool,
     config_path: Path | None = None,
+    signals: SignalInbox | None = None,
 ) -> None:
     """Bring up camera, model, publisher and metrics, run frames, then stop them in reverse."""
     camera = camera_from_config(config)
@@ -182,6 +196,7 @@ async def _run_stages(
                 stdout=stdout,
                 observe=observe,
                 config_path=config_path,
+                signals=signals,
             )
             await frame_loop.run_until_stopped()
             logger.info("camera stopped, %d frames dropped while busy", camera.dropped)
@@ -276,8 +291,10 @@ class _FrameLoop:
         stdout: bool,
         observe: Callable[[FrameResult], None] | None = None,
         config_path: Path | None = None,
+        signals: SignalInbox | None = None,
     ) -> None:
         self._config_path = config_path
+        self._signals = signals
         self._device_id = config.device.id
         self._observe = observe
         self._config = config
@@ -303,10 +320,12 @@ class _FrameLoop:
         loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._run(), name="edge.frames")
         stats_task = asyncio.create_task(self._send_stats(), name="edge.stats")
-        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._request_stop, signum)
-        loop.add_signal_handler(signal.SIGHUP, self._request_reload)
+        inbox = self._signals
+        replaced = None
+        if inbox is None:
+            inbox = SignalInbox()
+            replaced = inbox.install()
+        inbox.attach(loop, self._request_stop, self._request_reload)
         try:
             await self._task
         except asyncio.CancelledError:
@@ -317,11 +336,11 @@ class _FrameLoop:
             if self._stop_signal is None or not self._task.cancelled() or outside:
                 raise
         finally:
-            for signum in signals:
-                loop.remove_signal_handler(signum)
-            # remove_signal_handler restores the default action, and SIGHUP's default ends the
-            # process: a reload request while the run drains is ignored instead.
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            # From here the inbox keeps signals for the caller: a stop while the run drains
+            # still ends the process cleanly.
+            inbox.detach()
+            for signum, handler in (replaced or {}).items():
+                signal.signal(signum, handler)
             if self._cancel_timer is not None:
                 self._cancel_timer.cancel()
             stats_task.cancel()

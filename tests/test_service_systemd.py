@@ -149,3 +149,35 @@ def test_service_sighup_reloads_configuration(tmp_path: Path) -> None:
     assert "configuration not reloaded" in stderr
     assert "mqtt.port" in stderr
     assert returncode == 0, stderr
+
+
+def test_service_sigterm_during_startup(tmp_path: Path) -> None:
+    """A SIGTERM while the model loads is kept: the daemon stops once started, with exit 0."""
+    config = tmp_path / "edge.toml"
+    config.write_text(
+        f'[camera]\nkind = "simulated"\npath = "{SAMPLES}"\nfps = 4\nloop = true\n'
+        "[mqtt]\nenabled = false\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edge", "run", "--config", str(config), "--stdout"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    try:
+        # The first log line comes after the handlers are in place and before the frame loop.
+        first = process.stderr.readline()
+        process.send_signal(signal.SIGTERM)
+        stdout, rest = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    stderr = first + rest
+    assert "starting" in first, stderr
+    assert process.returncode == 0, stderr
+    assert "received SIGTERM, stopping" in stderr
+    assert "pipeline stopped" in stderr
+    assert stdout.count('"device_id"') <= 1
