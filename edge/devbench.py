@@ -18,6 +18,7 @@ time leaves out what the workers use.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ from edge.factory import (
     build_readers,
     full_frame_code_reader,
 )
-from edge.pipeline import MIN_REGION_SIDE, crop_with_margin
+from edge.pipeline import MIN_REGION_SIDE, FailedFrame, crop_with_margin
 from edge.results import Frame, Image, RegionStatus
 from edge.synth import render_scene
 
@@ -228,7 +229,10 @@ def measure_stages(
 async def measure_pipeline(
     config: Config, frame_count: int, size: tuple[int, int]
 ) -> tuple[StageTimes, dict[str, Any]]:
-    """Time :meth:`Pipeline.process` per frame, with reuse of unchanged regions turned off.
+    """Time the pipeline per frame, driven as ``edge run`` drives it, without reuse.
+
+    Each frame is detected while the previous frame's regions are read, as in the daemon, so
+    a frame's time includes its wait for those reads.
 
     Returns:
         The per-frame times, and the frames per second and region count per status.
@@ -238,24 +242,30 @@ async def measure_pipeline(
     pipeline = await asyncio.to_thread(build_pipeline, no_reuse)
     stage = StageTimes("pipeline", STAGES["pipeline"])
     statuses = dict.fromkeys((status.value for status in RegionStatus), 0)
+    # Rendered before the clock starts, so the rate leaves out the time spent rendering them.
+    images = list(generate_frames(frame_count, *size))
+
     try:
         # The first frame also starts the code reader's worker processes, so it is not timed.
         warm_up = next(generate_frames(1, *size))
         await pipeline.process(Frame(0, time.time(), warm_up, "warm-up"))
-        for seq, image in enumerate(generate_frames(frame_count, *size), start=1):
-            logger.info("timing the whole pipeline: frame %d of %d", seq, frame_count)
-            cpu_started = time.process_time()
-            started = time.perf_counter()
-            result = await pipeline.process(Frame(seq, time.time(), image, f"synth-{seq}"))
-            stage.wall.append(time.perf_counter() - started)
-            stage.cpu_total += time.process_time() - cpu_started
-            for region in result.regions:
-                statuses[region.status.value] += 1
+        logger.info("timing the whole pipeline on %d frames", frame_count)
+        frames = [
+            Frame(seq, time.time(), image, f"synth-{seq}") for seq, image in enumerate(images, 1)
+        ]
+        cpu_started = time.process_time()
+        started = time.perf_counter()
+        async with contextlib.aclosing(pipeline.stream(frames)) as results:
+            async for result in results:
+                if isinstance(result, FailedFrame):
+                    raise result.error
+                stage.wall.append(result.timings_ms["total"] / 1000)
+                for region in result.regions:
+                    statuses[region.status.value] += 1
+        run_seconds = time.perf_counter() - started
+        stage.cpu_total += time.process_time() - cpu_started
     finally:
         await pipeline.aclose()
-    # Frames are processed one after another, so the rate is frames over the summed latencies,
-    # which leaves out the time spent rendering them.
-    run_seconds = sum(stage.wall)
     figures = {
         "frames_per_second": frame_count / run_seconds if run_seconds > 0 else None,
         "reuse_unchanged": False,

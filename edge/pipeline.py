@@ -5,21 +5,35 @@ uses the cores it is given. Region reads are WaitGroup operations: thread kind f
 release the GIL (OCR), process kind for readers that may crash or hang (zbar). One reusable
 group serves every frame; each frame is one epoch of it, so the group's deadline is the frame
 deadline and a read that overruns ``op_timeout`` costs its own region only.
+
+A frame goes through two stages, :meth:`Pipeline.detect` and :meth:`Pipeline.read`. Read stages
+run one frame at a time in the order they were called, so a caller may detect the next frame
+while the reads of the previous one still run, and keep both cores busy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 import numpy as np
 
+from edge.errors import ImageError, ModelError
 from edge.images import to_bgr8
 from edge.memory import trim_heap
 from edge.readers.base import Cancellation, Reader
@@ -72,6 +86,33 @@ class PipelineOptions:
 
 
 @dataclass(frozen=True, eq=False)
+class DetectedFrame:
+    """A frame after detection, ready for :meth:`Pipeline.read`.
+
+    Attributes:
+        frame: The frame, its image converted to 8-bit BGR.
+        regions: Regions accepted for reading.
+        rejected: Detections dropped as degenerate or discarded by the detector.
+        started: ``time.perf_counter()`` when the frame entered the pipeline.
+        detected_at: ``time.perf_counter()`` when detection ended.
+    """
+
+    frame: Frame
+    regions: list[Region]
+    rejected: int
+    started: float
+    detected_at: float
+
+
+@dataclass(frozen=True, eq=False)
+class FailedFrame:
+    """A frame that :meth:`Pipeline.stream` could not process, with the error."""
+
+    frame: Frame
+    error: ImageError | ModelError
+
+
+@dataclass(frozen=True, eq=False)
 class _Job:
     """One region to read: the crop a reader gets and where it sits in the frame."""
 
@@ -120,6 +161,9 @@ class Pipeline:
             name="edge.readers",
         )
         self._reuse = ReuseCache() if self._options.reuse_unchanged else None
+        # Read stages share the group and the reuse cache, so they run one at a time, in
+        # call order (asyncio locks wake their waiters first in, first out).
+        self._read_lock = asyncio.Lock()
 
     @property
     def group(self) -> WaitGroup:
@@ -127,7 +171,52 @@ class Pipeline:
         return self._group
 
     async def process(self, frame: Frame) -> FrameResult:
-        """Detect and read every region of one frame.
+        """Detect and read every region of one frame: :meth:`detect`, then :meth:`read`.
+
+        Raises:
+            ImageError: The frame's shape or dtype cannot be converted.
+            ModelError: The detector failed on this frame.
+        """
+        return await self.read(await self.detect(frame))
+
+    async def stream(
+        self, frames: AsyncIterable[Frame] | Iterable[Frame]
+    ) -> AsyncGenerator[FrameResult | FailedFrame, None]:
+        """Yield the result of every frame in order, detecting each while the previous is read.
+
+        At most two frames are in flight, and the next frame is taken from ``frames`` only
+        when the previous result has been yielded. A frame that cannot be converted or
+        detected yields a :class:`FailedFrame` and costs itself only. Close the generator
+        (``contextlib.aclosing``) to cancel the reads still in flight when leaving early.
+        """
+        reading: asyncio.Task[FrameResult] | None = None
+        following: asyncio.Task[FrameResult] | None = None
+        try:
+            async for frame in _as_async(frames):
+                failure = None
+                try:
+                    detected = await self.detect(frame)
+                except (ImageError, ModelError) as exc:
+                    failure = FailedFrame(frame, exc)
+                else:
+                    name = f"edge.frame[{frame.seq}]"
+                    following = asyncio.create_task(self.read(detected), name=name)
+                if reading is not None:
+                    yield await reading
+                if failure is not None:
+                    yield failure
+                reading, following = following, None
+            if reading is not None:
+                yield await reading
+        finally:
+            for task in (reading, following):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+
+    async def detect(self, frame: Frame) -> DetectedFrame:
+        """Find the regions of one frame, to be read by :meth:`read`.
 
         Frames that are grey, BGRA, 16-bit, floating point (0..1) or not C-contiguous are
         converted to C-contiguous 8-bit BGR first.
@@ -147,11 +236,22 @@ class Pipeline:
         )
         detected_at = time.perf_counter()
         regions, rejected = _accept_regions(detections, frame.seq)
-        rejected += discarded
-        results = await self._read_all(frame, regions, detected_at)
+        return DetectedFrame(frame, regions, rejected + discarded, started, detected_at)
+
+    async def read(self, detected: DetectedFrame) -> FrameResult:
+        """Read every region of a detected frame, after the frames whose reads began before.
+
+        The frame deadline counts from the start of this frame's reads, not from the wait
+        for the previous frame, which ``timings_ms["queue"]`` reports.
+        """
+        async with self._read_lock:
+            reading_at = time.perf_counter()
+            frame = detected.frame
+            results = await self._read_all(frame, detected.regions, reading_at)
+        loop = asyncio.get_running_loop()
         # The frame's temporary buffers are freed by now. Without a trim, glibc keeps them and
         # resident memory stays at the largest frame's peak. A trim of a large, fragmented
-        # heap took up to 160 ms, so it runs on the idle detector thread, not the event loop.
+        # heap took up to 160 ms, so it runs on the detector thread, not the event loop.
         await loop.run_in_executor(self._detect_executor, trim_heap)
         finished = time.perf_counter()
         return FrameResult(
@@ -162,11 +262,12 @@ class Pipeline:
             source=frame.source,
             regions=tuple(results),
             timings_ms={
-                "detect": (detected_at - started) * 1000,
-                "read": (finished - detected_at) * 1000,
-                "total": (finished - started) * 1000,
+                "detect": (detected.detected_at - detected.started) * 1000,
+                "queue": (reading_at - detected.detected_at) * 1000,
+                "read": (finished - reading_at) * 1000,
+                "total": (finished - detected.started) * 1000,
             },
-            rejected_regions=rejected,
+            rejected_regions=detected.rejected,
         )
 
     async def _read_all(
@@ -289,6 +390,15 @@ class Pipeline:
         for reader in readers.values():
             reader.close()
         self._detector.close()
+
+
+async def _as_async(frames: AsyncIterable[Frame] | Iterable[Frame]) -> AsyncIterator[Frame]:
+    if isinstance(frames, AsyncIterable):
+        async for frame in frames:
+            yield frame
+    else:
+        for frame in frames:
+            yield frame
 
 
 def _estimated_cost(job: _Job) -> float:

@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,12 +20,12 @@ from edge.camera.base import Camera
 from edge.camera.factory import create_camera
 from edge.config import SAMPLES_DIR, Config, OutboxConfig, load_config
 from edge.discovery import LAST_CODE, LAST_TEXT, TAG, discovery_sender
-from edge.errors import ConfigError, EdgeError, ImageError, ModelError, SourceExhausted
+from edge.errors import ConfigError, EdgeError, SourceExhausted
 from edge.factory import build_pipeline
 from edge.metrics import Metrics, MetricsServer
 from edge.mqtt_stats import StatsCollector
 from edge.notify import Notifier, Watchdog
-from edge.pipeline import Pipeline
+from edge.pipeline import FailedFrame, Pipeline
 from edge.publisher import MqttPublisher
 from edge.results import Frame, FrameResult, RegionStatus
 from edge.signals import SignalInbox
@@ -277,7 +277,11 @@ def camera_from_config(config: Config) -> Camera:
 
 
 class _FrameLoop:
-    """Reads, processes and publishes frames; a signal cancels it between awaits."""
+    """Reads, processes and publishes frames, detecting each one while the previous is read.
+
+    At most two frames are in flight: one in its read stage, the next in detection or
+    waiting for those reads. Results are published in frame order.
+    """
 
     def __init__(
         self,
@@ -305,7 +309,7 @@ class _FrameLoop:
         self._max_frames = max_frames
         self._stdout = stdout
         self._stop_signal: int | None = None
-        self._in_frame = False
+        self._camera_read: asyncio.Future[Frame] | None = None
         self._cancel_timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._tracker = (
@@ -369,46 +373,64 @@ class _FrameLoop:
         self._stop(signum)
 
     def _stop(self, signum: int) -> None:
-        """End the loop: at once while it waits for a frame, else after the current frame."""
+        """End the loop: stop waiting for the camera, finish and publish the frames in flight."""
         self._stop_signal = signum
         task = self._task
-        if task is None:
+        if task is None or task.done():
             return
-        if not self._in_frame:
-            task.cancel()
-        elif self._cancel_timer is None:
-            # The frame in progress gets its deadline to finish, so its result is published;
-            # past that it is cancelled.
+        if self._camera_read is not None:
+            self._camera_read.cancel()
+        if self._cancel_timer is None:
+            # The frames in flight get a frame deadline to finish, so their results are
+            # published. Past that they are cancelled.
             grace = self._config.pipeline.frame_deadline + 1.0
             self._cancel_timer = asyncio.get_running_loop().call_later(grace, task.cancel)
 
     async def _run(self) -> None:
-        while (
-            self._max_frames is None
-            or self._summary.frames + self._summary.failed_frames < self._max_frames
-        ):
-            try:
-                frame = await self._camera.read()
-            except SourceExhausted:
-                logger.info("camera source has no more frames")
-                return
-            self._in_frame = True
-            try:
-                await self._handle(frame)
-            finally:
-                self._in_frame = False
-            if self._stop_signal is not None:
-                return
+        async with contextlib.aclosing(self._pipeline.stream(self._frames())) as results:
+            async for item in results:
+                if isinstance(item, FailedFrame):
+                    # One bad frame costs itself only. Frames that keep failing send no
+                    # watchdog ping, so under systemd a persistent failure ends in a restart.
+                    self._summary.failed_frames += 1
+                    self._log_failed_frame(item.frame, item.error)
+                else:
+                    await self._handle(item)
 
-    async def _handle(self, frame: Frame) -> None:
+    async def _frames(self) -> AsyncIterator[Frame]:
+        """Yield camera frames until the source ends, ``max_frames`` are taken or a stop."""
+        frames_taken = 0
+        while self._stop_signal is None and (
+            self._max_frames is None or frames_taken < self._max_frames
+        ):
+            frame = await self._next_frame()
+            if frame is None:
+                return
+            frames_taken += 1
+            yield frame
+
+    async def _next_frame(self) -> Frame | None:
+        """Return the camera's next frame, or ``None`` when the source ended or a stop came."""
+        read = asyncio.ensure_future(self._camera.read())
+        self._camera_read = read
         try:
-            result = await self._pipeline.process(frame)
-        except (ImageError, ModelError) as exc:
-            # One bad frame costs itself only. Frames that keep failing send no watchdog
-            # ping, so under systemd a persistent failure still ends in a restart.
-            self._summary.failed_frames += 1
-            self._log_failed_frame(frame, exc)
-            return
+            return await read
+        except SourceExhausted:
+            logger.info("camera source has no more frames")
+            return None
+        except asyncio.CancelledError:
+            # Only the stop cancels the camera read alone. A cancellation of this task
+            # (the stop's grace timer, or the caller) propagates.
+            current = asyncio.current_task()
+            outside = current is not None and current.cancelling() > 0
+            if self._stop_signal is None or not read.cancelled() or outside:
+                raise
+            return None
+        finally:
+            self._camera_read = None
+
+    async def _handle(self, result: FrameResult) -> None:
+        """Count, observe and publish one frame result."""
         self._summary.add(result)
         logger.debug(
             "frame %d: %d regions in %.0f ms",

@@ -2,8 +2,9 @@
 
 Modes:
   naive       full-frame OCR (rapidocr, default settings) plus full-frame pyzbar on every frame
-  sequential  the daemon's pipeline with one region read at a time
-  pipeline    the daemon's pipeline as configured by default
+  sequential  the daemon's pipeline with one region read at a time, one frame at a time
+  pipeline    the daemon's pipeline as configured by default, driven as `edge run` drives it:
+              each frame is detected while the previous frame's regions are read
 
 Frame sets: generated scenes at 1280x720 and 1920x1080 with 1 to 8 labels and 0 to 4 codes, a
 static scene (one generated frame repeated, as a fixed camera sees most of the time), and the
@@ -48,8 +49,8 @@ sys.path.insert(0, str(REPO))
 from edge.config import load_config  # noqa: E402
 from edge.factory import build_pipeline  # noqa: E402
 from edge.images import use_one_opencv_thread  # noqa: E402
-from edge.pipeline import Pipeline  # noqa: E402
-from edge.results import Frame  # noqa: E402
+from edge.pipeline import FailedFrame, Pipeline  # noqa: E402
+from edge.results import Frame, FrameResult  # noqa: E402
 from edge.synth import render_scene  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "corpus"
@@ -212,19 +213,37 @@ def run_naive(samples: list[Sample], bar: tqdm) -> Figures:
     return figures
 
 
-async def run_pipeline(pipeline: Pipeline, samples: list[Sample], bar: tqdm) -> Figures:
+async def run_pipeline(
+    pipeline: Pipeline, samples: list[Sample], bar: tqdm, *, overlap: bool
+) -> Figures:
+    """Run the frames through the pipeline, as ``edge run`` drives it when ``overlap`` is set.
+
+    With ``overlap``, each frame is detected while the previous frame's reads run. Without,
+    one frame is detected and read before the next one starts.
+    """
     await pipeline.process(Frame(0, time.time(), samples[0].image, "warm-up"))
     figures = Figures()
+
+    def record(result: FrameResult) -> None:
+        figures.latencies.append(result.timings_ms["total"] / 1000)
+        sample = samples[result.seq - 1]
+        codes = [c.text or "" for r in result.regions for c in r.reading.codes]
+        texts = [line.text for r in result.regions for line in r.reading.lines]
+        score(figures, sample, codes, texts)
+        bar.update()
+
     with RssSampler() as rss:
         cpu0, wall0 = cpu_seconds(), time.perf_counter()
-        for seq, sample in enumerate(samples, start=1):
-            started = time.perf_counter()
-            result = await pipeline.process(Frame(seq, time.time(), sample.image, sample.source))
-            figures.latencies.append(time.perf_counter() - started)
-            codes = [c.text or "" for r in result.regions for c in r.reading.codes]
-            texts = [line.text for r in result.regions for line in r.reading.lines]
-            score(figures, sample, codes, texts)
-            bar.update()
+        frames = [Frame(seq, time.time(), s.image, s.source) for seq, s in enumerate(samples, 1)]
+        if overlap:
+            async with contextlib.aclosing(pipeline.stream(frames)) as results:
+                async for result in results:
+                    if isinstance(result, FailedFrame):
+                        raise result.error
+                    record(result)
+        else:
+            for frame in frames:
+                record(await pipeline.process(frame))
         figures.wall, figures.cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
     figures.peak_rss = rss.peak
     return figures
@@ -359,7 +378,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, dict[str, dict[str, 
                 if mode == "naive":
                     figures = await asyncio.to_thread(run_naive, samples, bar)
                 else:
-                    figures = await run_pipeline(pipeline, samples, bar)
+                    overlap = mode == "pipeline"
+                    figures = await run_pipeline(pipeline, samples, bar, overlap=overlap)
                 table.setdefault(name, {})[mode] = figures.row()
             if mode != "naive":
                 await pipeline.aclose()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from edge.config import (
     TrackerConfig,
 )
 from edge.outbox import Outbox
+from edge.pipeline import DetectedFrame, Pipeline
 from edge.results import Frame, FrameResult
 
 SAMPLE_FRAMES = 6
@@ -33,9 +35,16 @@ SAMPLE_FRAMES = 6
 class _StandInPipeline:
     """Returns a synthetic result per frame after a short pause, like a fast detector."""
 
-    async def process(self, frame: Frame) -> FrameResult:
+    async def detect(self, frame: Frame) -> DetectedFrame:
+        return DetectedFrame(frame, [], 0, time.perf_counter(), time.perf_counter())
+
+    async def read(self, detected: DetectedFrame) -> FrameResult:
         await asyncio.sleep(0.05)
+        frame = detected.frame
         return synthetic_result(frame.seq, captured_at=frame.captured_at)
+
+    # The real pipeline's driver, over the stand-in's two stages.
+    stream = Pipeline.stream
 
     async def aclose(self) -> None:
         return None
