@@ -7,8 +7,9 @@ The stages run one after another in this process, on the same frames:
 * ``codes``: the code reader on the crop of each detected region routed to it.
 * ``codes_full_frame``: the pipeline's full-frame code decode on each whole frame (one scan
   of a large frame), unless ``pipeline.full_frame_codes`` is ``never``.
-* ``pipeline``: :meth:`Pipeline.process` on each frame, with the configured concurrency and
-  with ``pipeline.reuse_unchanged`` turned off, so that every region is read on every frame.
+* ``pipeline``: :meth:`Pipeline.stream` over the frames, as the daemon drives it, with the
+  configured concurrency and with ``pipeline.reuse_unchanged`` turned off, so that every
+  region is read on every frame.
 
 The stage rows call the code reader in this process. The pipeline runs it in worker
 processes, so its figures also include the hand-off of each crop to a worker, but its CPU
@@ -58,6 +59,8 @@ MIN_FRAME_SIDE = 64
 #: Object counts per generated frame, the same as ``scripts/bench.py`` uses.
 _LABELS = (1, 8)
 _CODES = (0, 4)
+#: Most distinct frames the pipeline stage keeps in memory (6 MB each at 1920x1080).
+PIPELINE_SCENES = 8
 
 #: Stage names in the order they run and are printed, with what one call covers.
 STAGES = {
@@ -243,7 +246,8 @@ async def measure_pipeline(
     stage = StageTimes("pipeline", STAGES["pipeline"])
     statuses = dict.fromkeys((status.value for status in RegionStatus), 0)
     # Rendered before the clock starts, so the rate leaves out the time spent rendering them.
-    images = list(generate_frames(frame_count, *size))
+    # At most PIPELINE_SCENES distinct frames are kept, and longer runs cycle through them.
+    images = list(generate_frames(min(frame_count, PIPELINE_SCENES), *size))
 
     try:
         # The first frame also starts the code reader's worker processes, so it is not timed.
@@ -251,7 +255,8 @@ async def measure_pipeline(
         await pipeline.process(Frame(0, time.time(), warm_up, "warm-up"))
         logger.info("timing the whole pipeline on %d frames", frame_count)
         frames = [
-            Frame(seq, time.time(), image, f"synth-{seq}") for seq, image in enumerate(images, 1)
+            Frame(seq, time.time(), images[(seq - 1) % len(images)], f"synth-{seq}")
+            for seq in range(1, frame_count + 1)
         ]
         cpu_started = time.process_time()
         started = time.perf_counter()

@@ -27,7 +27,7 @@ DEFAULT_PORT = 9464
 #: Upper bounds in seconds of the stage latency histogram buckets; ``+Inf`` is added.
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 #: Pipeline stages timed in :attr:`FrameResult.timings_ms`.
-STAGES = ("detect", "read", "total")
+STAGES = ("detect", "queue", "read", "total")
 #: Content type of the Prometheus text format, version 0.0.4.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -8,7 +8,7 @@ deadline and a read that overruns ``op_timeout`` costs its own region only.
 
 A frame goes through two stages, :meth:`Pipeline.detect` and :meth:`Pipeline.read`. Read stages
 run one frame at a time in the order they were called, so a caller may detect the next frame
-while the reads of the previous one still run, and keep both cores busy.
+while the reads of the previous one still run. :meth:`Pipeline.stream` drives frames that way.
 """
 
 from __future__ import annotations
@@ -180,36 +180,67 @@ class Pipeline:
         return await self.read(await self.detect(frame))
 
     async def stream(
-        self, frames: AsyncIterable[Frame] | Iterable[Frame]
+        self, frames: AsyncIterable[Frame] | Iterable[Frame], *, stop: asyncio.Event | None = None
     ) -> AsyncGenerator[FrameResult | FailedFrame, None]:
         """Yield the result of every frame in order, detecting each while the previous is read.
 
-        At most two frames are in flight, and the next frame is taken from ``frames`` only
-        when the previous result has been yielded. A frame that cannot be converted or
-        detected yields a :class:`FailedFrame` and costs itself only. Close the generator
+        The next frame is taken from ``frames`` while the current one is read, and detected
+        at once. Its reads start when the current frame's reads end, so at most two frames
+        are in flight. A result is yielded as soon as its reads end, even while ``frames``
+        has no new frame yet.
+
+        A frame that cannot be converted or detected yields a :class:`FailedFrame` and costs
+        itself only. An error raised by ``frames`` propagates after the result in flight.
+        Once ``stop`` is set, no frame is taken and a detected frame whose reads have not
+        begun is dropped, so a stop waits for one frame's reads at most. Close the generator
         (``contextlib.aclosing``) to cancel the reads still in flight when leaving early.
+        ``frames`` is not closed here, so an async generator there is the caller's to close.
         """
+        source = aiter(frames) if isinstance(frames, AsyncIterable) else _from_iterable(frames)
         reading: asyncio.Task[FrameResult] | None = None
-        following: asyncio.Task[FrameResult] | None = None
+        fetch: asyncio.Task[Frame | None] | None = None
         try:
-            async for frame in _as_async(frames):
+            while stop is None or not stop.is_set():
+                fetch = asyncio.create_task(_next_frame(source), name="edge.next-frame")
+                if reading is not None:
+                    await asyncio.wait({reading, fetch}, return_when=asyncio.FIRST_COMPLETED)
+                    if reading.done():
+                        finished, reading = reading.result(), None
+                        yield finished
+                try:
+                    frame = await fetch
+                except Exception:
+                    if reading is not None:
+                        finished, reading = await reading, None
+                        yield finished
+                    raise
+                finally:
+                    fetch = None
+                if frame is None:
+                    break
                 failure = None
+                detected = None
                 try:
                     detected = await self.detect(frame)
                 except (ImageError, ModelError) as exc:
                     failure = FailedFrame(frame, exc)
-                else:
-                    name = f"edge.frame[{frame.seq}]"
-                    following = asyncio.create_task(self.read(detected), name=name)
+                previous = None
                 if reading is not None:
-                    yield await reading
+                    previous, reading = await reading, None
+                if detected is not None and stop is not None and stop.is_set():
+                    logger.info("frame %d dropped: the stop came before its reads began", frame.seq)
+                elif detected is not None:
+                    name = f"edge.frame[{frame.seq}]"
+                    reading = asyncio.create_task(self.read(detected), name=name)
+                if previous is not None:
+                    yield previous
                 if failure is not None:
                     yield failure
-                reading, following = following, None
             if reading is not None:
-                yield await reading
+                finished, reading = await reading, None
+                yield finished
         finally:
-            for task in (reading, following):
+            for task in (fetch, reading):
                 if task is not None and not task.done():
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -392,13 +423,17 @@ class Pipeline:
         self._detector.close()
 
 
-async def _as_async(frames: AsyncIterable[Frame] | Iterable[Frame]) -> AsyncIterator[Frame]:
-    if isinstance(frames, AsyncIterable):
-        async for frame in frames:
-            yield frame
-    else:
-        for frame in frames:
-            yield frame
+async def _next_frame(source: AsyncIterator[Frame]) -> Frame | None:
+    """Return the next frame of ``source``, or ``None`` at its end."""
+    try:
+        return await anext(source)
+    except StopAsyncIteration:
+        return None
+
+
+async def _from_iterable(frames: Iterable[Frame]) -> AsyncIterator[Frame]:
+    for frame in frames:
+        yield frame
 
 
 def _estimated_cost(job: _Job) -> float:

@@ -179,7 +179,8 @@ class FrameResult:
         height: Frame height in pixels.
         source: The frame's source file or device.
         regions: One entry per region, detector regions first, in detection order.
-        timings_ms: Milliseconds per stage (``detect``, ``read``, ``total``).
+        timings_ms: Milliseconds per stage: ``detect``, ``queue`` (the wait for the previous
+            frame's reads), ``read`` and ``total``.
         rejected_regions: Detections discarded before reading (degenerate boxes).
     """
 

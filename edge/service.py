@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,6 +162,15 @@ async def _run_stages(
     logger.info("pipeline ready")
     publisher: MqttPublisher | None = None
 
+    def stopped_early() -> bool:
+        # A stop kept by the inbox during start-up ends the run before the next stage.
+        if signals is None or signals.stop_signum is None:
+            return False
+        name = signal.Signals(signals.stop_signum).name
+        logger.info("received %s during start-up, stopping", name)
+        summary.reload_config = None
+        return True
+
     def observe(result: FrameResult) -> None:
         watchdog.frame_processed()
         metrics.observe_frame(result, camera.dropped)
@@ -171,6 +180,8 @@ async def _run_stages(
             metrics.set_mqtt_connected(stats.connected)
 
     try:
+        if stopped_early():
+            return
         publisher = _publisher_from_config(config) if config.mqtt.enabled else None
         if publisher is not None:
             notifier.status("connecting to the MQTT broker")
@@ -182,6 +193,8 @@ async def _run_stages(
                 )
         if server is not None:
             await server.start()
+        if stopped_early():
+            return
         async with camera:
             logger.info("camera ready: %s", camera.description)
             notifier.ready(f"processing frames from {camera.description}")
@@ -201,7 +214,8 @@ async def _run_stages(
             await frame_loop.run_until_stopped()
             logger.info("camera stopped, %d frames dropped while busy", camera.dropped)
     finally:
-        if summary.reload_config is not None:
+        stopping = signals is not None and signals.stop_signum is not None
+        if summary.reload_config is not None and not stopping:
             notifier.notify("RELOADING=1", "STATUS=reloading the configuration")
         else:
             notifier.stopping("stopping: draining reads and the outbox")
@@ -279,8 +293,8 @@ def camera_from_config(config: Config) -> Camera:
 class _FrameLoop:
     """Reads, processes and publishes frames, detecting each one while the previous is read.
 
-    At most two frames are in flight: one in its read stage, the next in detection or
-    waiting for those reads. Results are published in frame order.
+    At most two frames are in flight. One is in its read stage, and the next is detected
+    or waits for those reads. Results are published in frame order.
     """
 
     def __init__(
@@ -310,6 +324,7 @@ class _FrameLoop:
         self._stdout = stdout
         self._stop_signal: int | None = None
         self._camera_read: asyncio.Future[Frame] | None = None
+        self._stopping = asyncio.Event()
         self._cancel_timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._tracker = (
@@ -340,8 +355,8 @@ class _FrameLoop:
             if self._stop_signal is None or not self._task.cancelled() or outside:
                 raise
         finally:
-            # From here the inbox keeps signals for the caller: a stop while the run drains
-            # still ends the process cleanly.
+            # From here the inbox keeps signals for the caller, so a stop while the run
+            # drains still ends the process cleanly.
             inbox.detach()
             for signum, handler in (replaced or {}).items():
                 signal.signal(signum, handler)
@@ -353,7 +368,7 @@ class _FrameLoop:
         await self._finish_tracks()
 
     def _request_reload(self) -> None:
-        if self._stop_signal is not None:
+        if self._stop_signal is not None and self._stop_signal != signal.SIGHUP:
             logger.info("received SIGHUP while stopping; ignored")
             return
         source = self._config_path or "the built-in defaults"
@@ -361,7 +376,9 @@ class _FrameLoop:
         try:
             new_config = load_config(self._config_path)
         except ConfigError as exc:
-            logger.error("configuration not reloaded, keeping the running one: %s", exc)
+            # During a reload, the file read at the earlier SIGHUP is the one kept.
+            in_use = "the running one" if self._stop_signal is None else "the one read before"
+            logger.error("configuration not reloaded, keeping %s: %s", in_use, exc)
             return
         self._summary.reload_config = new_config
         self._stop(signal.SIGHUP)
@@ -373,21 +390,33 @@ class _FrameLoop:
         self._stop(signum)
 
     def _stop(self, signum: int) -> None:
-        """End the loop: stop waiting for the camera, finish and publish the frames in flight."""
+        """End the loop after the frame being read, and stop waiting for the camera."""
         self._stop_signal = signum
+        self._stopping.set()
         task = self._task
         if task is None or task.done():
             return
         if self._camera_read is not None:
             self._camera_read.cancel()
         if self._cancel_timer is None:
-            # The frames in flight get a frame deadline to finish, so their results are
-            # published. Past that they are cancelled.
+            # The frame being read gets its deadline to finish, so its result is published.
+            # A detected frame whose reads have not begun is dropped.
             grace = self._config.pipeline.frame_deadline + 1.0
-            self._cancel_timer = asyncio.get_running_loop().call_later(grace, task.cancel)
+            self._cancel_timer = asyncio.get_running_loop().call_later(
+                grace, self._cancel_reads, grace
+            )
+
+    def _cancel_reads(self, grace: float) -> None:
+        if self._task is None or self._task.done():
+            return
+        logger.warning("reads still running %.1f s after the stop, cancelling them", grace)
+        self._task.cancel()
 
     async def _run(self) -> None:
-        async with contextlib.aclosing(self._pipeline.stream(self._frames())) as results:
+        async with (
+            contextlib.aclosing(self._frames()) as frames,
+            contextlib.aclosing(self._pipeline.stream(frames, stop=self._stopping)) as results,
+        ):
             async for item in results:
                 if isinstance(item, FailedFrame):
                     # One bad frame costs itself only. Frames that keep failing send no
@@ -397,7 +426,7 @@ class _FrameLoop:
                 else:
                     await self._handle(item)
 
-    async def _frames(self) -> AsyncIterator[Frame]:
+    async def _frames(self) -> AsyncGenerator[Frame, None]:
         """Yield camera frames until the source ends, ``max_frames`` are taken or a stop."""
         frames_taken = 0
         while self._stop_signal is None and (

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import socket
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -22,6 +24,7 @@ class SignalInbox:
     ``loop.add_signal_handler`` puts the default action back when its handler is removed,
     so a SIGTERM during the drain or a restart would end the process at once. With this
     handler, a signal goes to the attached frame loop, or waits for the next one to attach.
+    A second SIGINT raises ``KeyboardInterrupt``, so a second Ctrl-C ends the process at once.
     """
 
     def __init__(self) -> None:
@@ -31,6 +34,8 @@ class SignalInbox:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_stop: Callable[[int], None] | None = None
         self._on_reload: Callable[[], None] | None = None
+        self._wakeup: tuple[socket.socket, socket.socket] | None = None
+        self._replaced_wakeup_fd = -1
 
     def install(self) -> dict[int, _Handler]:
         """Install the handler (from the main thread) and return the handlers it replaced."""
@@ -53,6 +58,14 @@ class SignalInbox:
         self._loop = loop
         self._on_stop = on_stop
         self._on_reload = on_reload
+        # Python runs its handlers on the main thread only. A signal that lands on another
+        # thread writes to this socket, which wakes the loop so that the handler runs.
+        receiver, sender = socket.socketpair()
+        receiver.setblocking(False)
+        sender.setblocking(False)
+        self._wakeup = (receiver, sender)
+        self._replaced_wakeup_fd = signal.set_wakeup_fd(sender.fileno(), warn_on_full_buffer=False)
+        loop.add_reader(receiver.fileno(), _drain, receiver)
         if self.stop_signum is not None:
             loop.call_soon(on_stop, self.stop_signum)
         elif self._reload_pending:
@@ -61,6 +74,14 @@ class SignalInbox:
 
     def detach(self) -> None:
         """Stop sending signals to the loop, and keep them until the next ``attach``."""
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(self._replaced_wakeup_fd)
+            receiver, sender = self._wakeup
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(receiver.fileno())
+            receiver.close()
+            sender.close()
+            self._wakeup = None
         self._loop = None
         self._on_stop = None
         self._on_reload = None
@@ -77,7 +98,15 @@ class SignalInbox:
             else:
                 self._reload_pending = True
             return
+        if self.stop_signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         if self.stop_signum is None:
             self.stop_signum = signum
         if loop is not None and self._on_stop is not None:
             loop.call_soon_threadsafe(self._on_stop, signum)
+
+
+def _drain(receiver: socket.socket) -> None:
+    with contextlib.suppress(BlockingIOError):
+        while receiver.recv(64):
+            pass

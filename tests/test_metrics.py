@@ -147,10 +147,10 @@ def test_metrics_histogram_cumulative() -> None:
 
 
 def test_metrics_histogram_every_stage() -> None:
-    """The latency histogram has detect, read and total series."""
+    """The latency histogram has detect, queue, read and total series."""
     values = samples(Metrics().render())
 
-    for stage in ("detect", "read", "total"):
+    for stage in ("detect", "queue", "read", "total"):
         assert f'edge_stage_latency_seconds_count{{stage="{stage}"}}' in values
 
 

@@ -1,14 +1,22 @@
-"""Pipeline.stream: each frame is detected while the previous one is read, results stay in order."""
+"""Frames in flight: Pipeline.stream and the daemon's frame loop that drives it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import signal
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import numpy as np
+import pytest
+from test_fault_isolation import ListCamera
 
+from edge.config import Config
+from edge.errors import CameraError
 from edge.pipeline import FailedFrame, Pipeline, PipelineOptions
 from edge.readers.base import Cancellation, Reader
 from edge.results import (
@@ -21,6 +29,7 @@ from edge.results import (
     RegionStatus,
     TextLine,
 )
+from edge.service import RunSummary, _FrameLoop
 
 #: Seconds a read waits for the next frame's detection before it gives up.
 WAIT = 5.0
@@ -109,13 +118,15 @@ async def test_stream_detects_during_reads() -> None:
     finally:
         await pipeline.aclose()
     results = [item for item in items if isinstance(item, FrameResult)]
+    assert len(results) == len(items)
     assert [result.seq for result in results] == [1, 2, 3]
     # Frames 1 and 2 were read while the frame after them was detected.
     for result in results[:2]:
         assert [r.reading.lines[0].text for r in result.regions] == ["seen", "seen"]
     assert [r.reading.lines[0].text for r in results[2].regions] == ["alone", "alone"]
     assert {r.status for r in results[0].regions} == {RegionStatus.OK}
-    assert results[2].timings_ms["queue"] >= 0
+    # Frame 3 was detected while frame 2 was read, so it waited for those reads.
+    assert results[2].timings_ms["queue"] > 0
 
 
 async def test_stream_reads_one_frame_at_a_time() -> None:
@@ -144,7 +155,7 @@ async def test_stream_failed_frame_in_order() -> None:
     failed = items[1]
     assert isinstance(failed, FailedFrame)
     assert failed.frame.seq == 2
-    assert "channels" in str(failed.error) or "shape" in str(failed.error)
+    assert "shape (3, 120, 160)" in str(failed.error)
 
 
 async def test_stream_close_cancels_reads() -> None:
@@ -161,3 +172,182 @@ async def test_stream_close_cancels_reads() -> None:
     assert isinstance(first, FrameResult)
     assert first.seq == 1
     assert pending == []
+
+
+async def test_stream_yields_before_next_frame() -> None:
+    """A result comes out while the source still waits for its next frame."""
+    journal = Journal()
+    pipeline = _pipeline(journal)
+    release = asyncio.Event()
+
+    async def camera() -> AsyncIterator[Frame]:
+        yield _frame(1)
+        await release.wait()
+        yield _frame(2)
+
+    try:
+        async with contextlib.aclosing(pipeline.stream(camera())) as results:
+            first = await asyncio.wait_for(anext(results), WAIT)
+            release.set()
+            rest = [item async for item in results]
+    finally:
+        await pipeline.aclose()
+    assert isinstance(first, FrameResult)
+    assert first.seq == 1
+    assert [item.seq for item in rest if isinstance(item, FrameResult)] == [2]
+
+
+async def test_stream_source_error_after_result() -> None:
+    """A camera error propagates, but only after the frame already in flight comes out."""
+    journal = Journal()
+    pipeline = _pipeline(journal)
+
+    async def camera() -> AsyncIterator[Frame]:
+        yield _frame(1)
+        raise CameraError("camera stalled")
+
+    items: list[FrameResult | FailedFrame] = []
+
+    async def collect() -> None:
+        async with contextlib.aclosing(pipeline.stream(camera())) as results:
+            async for item in results:
+                items.append(item)
+
+    try:
+        with pytest.raises(CameraError, match="camera stalled"):
+            await collect()
+    finally:
+        await pipeline.aclose()
+    assert [item.seq for item in items if isinstance(item, FrameResult)] == [1]
+
+
+class StoppingReader(WaitingReader):
+    """Sets ``stop`` from its read of frame 1, once frame 2 has been detected."""
+
+    def __init__(self, journal: Journal, stop: asyncio.Event) -> None:
+        super().__init__(journal, wait_below=0)
+        self.stop = stop
+        self.loop = asyncio.get_running_loop()
+
+    def read(self, image: Image, cancellation: Cancellation | None = None) -> Reading:
+        if int(image[0, 0, 0]) == 1 and self.journal.event(2).wait(WAIT):
+            self.loop.call_soon_threadsafe(self.stop.set)
+        return super().read(image, cancellation)
+
+
+async def test_stream_stop_drops_unread_frame(caplog: pytest.LogCaptureFixture) -> None:
+    journal = Journal()
+    stop = asyncio.Event()
+    options = PipelineOptions(full_frame_codes="never", reuse_unchanged=False, op_timeout=30)
+    reader = StoppingReader(journal, stop)
+    pipeline = Pipeline(JournalDetector(journal), {"text": reader}, options=options)
+    frames = [_frame(seq) for seq in (1, 2, 3)]
+    try:
+        with caplog.at_level(logging.INFO, logger="edge.pipeline"):
+            async with contextlib.aclosing(pipeline.stream(frames, stop=stop)) as results:
+                items = [item async for item in results]
+    finally:
+        await pipeline.aclose()
+    assert [item.seq for item in items if isinstance(item, FrameResult)] == [1]
+    assert len(items) == 1
+    assert ("detect", 2) in journal.entries
+    assert ("read start", 2) not in journal.entries
+    assert ("detect", 3) not in journal.entries
+    assert "frame 2 dropped" in caplog.text
+
+
+class UnevenReader(WaitingReader):
+    """Reads crops wider than 45 pixels slowly and the others at once."""
+
+    def read(self, image: Image, cancellation: Cancellation | None = None) -> Reading:
+        seq = int(image[0, 0, 0])
+        self.journal.add("read start", seq)
+        time.sleep(0.3 if image.shape[1] > 45 else 0.0)
+        self.journal.add("read end", seq)
+        return Reading()
+
+
+async def test_read_lock_orders_process_calls() -> None:
+    """Concurrent process() calls read one frame after the other, in call order."""
+    journal = Journal()
+    options = PipelineOptions(full_frame_codes="never", reuse_unchanged=False, op_timeout=30)
+    reader = UnevenReader(journal, wait_below=0)
+    pipeline = Pipeline(JournalDetector(journal), {"text": reader}, options=options)
+    try:
+        first, second = await asyncio.gather(
+            pipeline.process(_frame(1)), pipeline.process(_frame(2))
+        )
+    finally:
+        await pipeline.aclose()
+    reads = [seq for action, seq in journal.entries if action.startswith("read")]
+    # Without the lock, frame 2's reads would start while frame 1's slow read runs.
+    assert reads == [1, 1, 1, 1, 2, 2, 2, 2]
+    assert first.seq == 1
+    assert second.seq == 2
+
+
+def _stop_loop_from_read(frame_loop: list[_FrameLoop]) -> Callable[[], None]:
+    loop = asyncio.get_running_loop()
+
+    def request_stop() -> None:
+        loop.call_soon_threadsafe(frame_loop[0]._request_stop, signal.SIGTERM)
+
+    return request_stop
+
+
+class StopRequestingReader(WaitingReader):
+    """Requests a stop of the frame loop from its read of frame 1, then goes on reading."""
+
+    def __init__(self, journal: Journal, request_stop: Callable[[], None]) -> None:
+        super().__init__(journal, wait_below=0)
+        self.request_stop = request_stop
+
+    def read(self, image: Image, cancellation: Cancellation | None = None) -> Reading:
+        if int(image[0, 0, 0]) == 1:
+            self.request_stop()
+            time.sleep(0.2)
+        return super().read(image, cancellation)
+
+
+async def test_frame_loop_stop_publishes_frame_being_read() -> None:
+    journal = Journal()
+    holder: list[_FrameLoop] = []
+    options = PipelineOptions(full_frame_codes="never", reuse_unchanged=False, op_timeout=30)
+    reader = StopRequestingReader(journal, _stop_loop_from_read(holder))
+    pipeline = Pipeline(JournalDetector(journal), {"text": reader}, options=options)
+    camera = ListCamera([_frame(seq) for seq in (1, 2, 3)])
+    published: list[FrameResult] = []
+    summary = RunSummary()
+    frame_loop = _FrameLoop(
+        Config(), camera, pipeline, None, summary, max_frames=None, stdout=False,
+        observe=published.append,
+    )  # fmt: skip
+    holder.append(frame_loop)
+    try:
+        await frame_loop.run_until_stopped()
+    finally:
+        await pipeline.aclose()
+    assert [result.seq for result in published] == [1]
+    assert summary.frames == 1
+    assert ("read start", 3) not in journal.entries
+
+
+async def test_frame_loop_second_reload_rereads_file(tmp_path: Path) -> None:
+    """A SIGHUP during a reload reads the file again, and the newest valid file wins."""
+    config_path = tmp_path / "edge.toml"
+    config_path.write_text('[device]\nid = "first"\n')
+    summary = RunSummary()
+    frame_loop = _FrameLoop(
+        Config(), ListCamera([]), _pipeline(Journal()), None, summary, max_frames=None,
+        stdout=False, config_path=config_path,
+    )  # fmt: skip
+    frame_loop._request_reload()
+    first = summary.reload_config
+    config_path.write_text('[device]\nid = "second"\n')
+    frame_loop._request_reload()
+    config_path.write_text("[mqtt]\nport = 0\n")
+    frame_loop._request_reload()
+    assert first is not None
+    assert first.device.id == "first"
+    assert summary.reload_config is not None
+    assert summary.reload_config.device.id == "second"

@@ -152,7 +152,7 @@ def test_service_sighup_reloads_configuration(tmp_path: Path) -> None:
 
 
 def test_service_sigterm_during_startup(tmp_path: Path) -> None:
-    """A SIGTERM while the model loads is kept: the daemon stops once started, with exit 0."""
+    """A SIGTERM while the model loads stops the daemon before its camera opens, with exit 0."""
     config = tmp_path / "edge.toml"
     config.write_text(
         f'[camera]\nkind = "simulated"\npath = "{SAMPLES}"\nfps = 4\nloop = true\n'
@@ -166,6 +166,7 @@ def test_service_sigterm_during_startup(tmp_path: Path) -> None:
         text=True,
     )
     assert process.stderr is not None
+
     try:
         # The first log line comes after the handlers are in place and before the frame loop.
         first = process.stderr.readline()
@@ -178,6 +179,31 @@ def test_service_sigterm_during_startup(tmp_path: Path) -> None:
     stderr = first + rest
     assert "starting" in first, stderr
     assert process.returncode == 0, stderr
-    assert "received SIGTERM, stopping" in stderr
+    assert "received SIGTERM during start-up, stopping" in stderr
     assert "pipeline stopped" in stderr
-    assert stdout.count('"device_id"') <= 1
+    # The run ended before the camera opened.
+    assert "camera ready" not in stderr
+    assert '"device_id"' not in stdout
+
+
+def test_service_sigterm_during_reload_drain(tmp_path: Path) -> None:
+    """A SIGTERM that lands while a reload drains the run ends the daemon, with exit 0."""
+    config = tmp_path / "edge.toml"
+    config.write_text(
+        f'[camera]\nkind = "simulated"\npath = "{SAMPLES}"\nfps = 4\nloop = true\n'
+        '[device]\nid = "child"\n[mqtt]\nenabled = false\n'
+    )
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "reload_child.py"), str(config)],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO / "tests")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    stderr = completed.stderr
+    assert completed.returncode == 0, stderr
+    assert "received SIGHUP, reloading" in stderr
+    assert "received SIGTERM while reloading, so not starting again" in stderr
+    assert stderr.count("pipeline built for device child") == 1
+    assert '"device_id":"child"' in completed.stdout

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -75,4 +78,39 @@ async def test_pending_reload_sent_once(inbox: SignalInbox) -> None:
 async def test_first_stop_signal_kept(inbox: SignalInbox) -> None:
     os.kill(os.getpid(), signal.SIGINT)
     os.kill(os.getpid(), signal.SIGTERM)
+    assert inbox.stop_signum == signal.SIGINT
+
+
+async def test_signal_on_worker_thread_wakes_loop(inbox: SignalInbox) -> None:
+    """A stop delivered to another thread reaches the idle loop at once, not at its next timer."""
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    inbox.attach(loop, lambda signum: stopped.set(), lambda: None)
+
+    def send_to_this_thread() -> None:
+        # Sent once the main thread waits in the loop's select().
+        time.sleep(0.2)
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+    worker = threading.Thread(target=send_to_this_thread)
+    started = time.monotonic()
+    try:
+        worker.start()
+        # Without the wakeup socket, the handler would run only when this timeout wakes the
+        # loop, after 10 s.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopped.wait(), 10.0)
+        waited = time.monotonic() - started
+    finally:
+        worker.join()
+        inbox.detach()
+    assert stopped.is_set()
+    assert waited < 5.0
+    assert inbox.stop_signum == signal.SIGTERM
+
+
+def test_second_sigint_interrupts(inbox: SignalInbox) -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
     assert inbox.stop_signum == signal.SIGINT
