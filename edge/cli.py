@@ -18,6 +18,7 @@ from edge.config import Config, load_config, parse_config
 from edge.errors import ConfigError, EdgeError
 from edge.images import use_one_opencv_thread
 from edge.memory import HEAP_ARENAS, limit_heap_arenas
+from edge.notify import Notifier
 from edge.signals import SignalInbox
 
 logger = logging.getLogger("edge.cli")
@@ -240,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if signals.stop_signum is not None:
                 name = signal.Signals(signals.stop_signum).name
                 logger.info("received %s while reloading, so not starting again", name)
+                # The run sent RELOADING=1 to systemd, so send STOPPING=1 now.
+                Notifier.from_environment().stopping("stopping instead of reloading")
                 break
             config = summary.reload_config
             configure_logging(config)

@@ -9,7 +9,8 @@ The stages run one after another in this process, on the same frames:
   of a large frame), unless ``pipeline.full_frame_codes`` is ``never``.
 * ``pipeline``: :meth:`Pipeline.stream` over the frames, as the daemon drives it, with the
   configured concurrency and with ``pipeline.reuse_unchanged`` turned off, so that every
-  region is read on every frame.
+  region is read on every frame. Past ``PIPELINE_SCENES`` frames it cycles through the first
+  ones, to bound memory.
 
 The stage rows call the code reader in this process. The pipeline runs it in worker
 processes, so its figures also include the hand-off of each crop to a worker, but its CPU

@@ -113,6 +113,15 @@ class FailedFrame:
 
 
 @dataclass(frozen=True, eq=False)
+class _TakenFrame:
+    """A frame taken by :meth:`Pipeline.stream`, detected or failed (neither after a stop)."""
+
+    frame: Frame
+    detected: DetectedFrame | None = None
+    failure: FailedFrame | None = None
+
+
+@dataclass(frozen=True, eq=False)
 class _Job:
     """One region to read: the crop a reader gets and where it sits in the frame."""
 
@@ -153,6 +162,10 @@ class Pipeline:
         self._detect_executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="edge-detector"
         )
+        self._trim_executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="edge-trim"
+        )
+        self._trim: concurrent.futures.Future[bool] | None = None
         self._group = WaitGroup(
             limit=self._options.concurrency,
             op_timeout=self._options.op_timeout,
@@ -184,67 +197,84 @@ class Pipeline:
     ) -> AsyncGenerator[FrameResult | FailedFrame, None]:
         """Yield the result of every frame in order, detecting each while the previous is read.
 
-        The next frame is taken from ``frames`` while the current one is read, and detected
-        at once. Its reads start when the current frame's reads end, so at most two frames
-        are in flight. A result is yielded as soon as its reads end, even while ``frames``
-        has no new frame yet.
+        The next frame is taken from ``frames`` and detected while the current one is read.
+        Its reads start when the current frame's reads end, so at most two frames are in
+        flight. A result is yielded as soon as its reads end, even while the next frame is
+        still awaited or detected.
 
         A frame that cannot be converted or detected yields a :class:`FailedFrame` and costs
         itself only. An error raised by ``frames`` propagates after the result in flight.
-        Once ``stop`` is set, no frame is taken and a detected frame whose reads have not
-        begun is dropped, so a stop waits for one frame's reads at most. Close the generator
-        (``contextlib.aclosing``) to cancel the reads still in flight when leaving early.
-        ``frames`` is not closed here, so an async generator there is the caller's to close.
+        Once ``stop`` is set, no frame is taken or detected, the wait for one is cut short,
+        and a detected frame whose reads have not begun is dropped, so a stop waits for one
+        frame's reads at most. Close the generator (``contextlib.aclosing``) to cancel the
+        reads still in flight when leaving early. ``frames`` is not closed here, so an async
+        generator there is the caller's to close.
         """
         source = aiter(frames) if isinstance(frames, AsyncIterable) else _from_iterable(frames)
         reading: asyncio.Task[FrameResult] | None = None
-        fetch: asyncio.Task[Frame | None] | None = None
+        incoming: asyncio.Task[_TakenFrame | None] | None = None
+        stopped = asyncio.ensure_future(stop.wait()) if stop is not None else None
         try:
-            while stop is None or not stop.is_set():
-                fetch = asyncio.create_task(_next_frame(source), name="edge.next-frame")
-                if reading is not None:
-                    await asyncio.wait({reading, fetch}, return_when=asyncio.FIRST_COMPLETED)
-                    if reading.done():
+            while stopped is None or not stopped.done():
+                incoming = asyncio.create_task(self._take(source, stop), name="edge.next-frame")
+                while not incoming.done() and (stopped is None or not stopped.done()):
+                    waiters = {incoming, *(t for t in (reading, stopped) if t is not None)}
+                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                    if reading is not None and reading.done():
                         finished, reading = reading.result(), None
                         yield finished
+                if not incoming.done():
+                    # The stop came first, so the frame being taken or detected is dropped.
+                    break
                 try:
-                    frame = await fetch
+                    next_item = incoming.result()
                 except Exception:
                     if reading is not None:
                         finished, reading = await reading, None
                         yield finished
                     raise
                 finally:
-                    fetch = None
-                if frame is None:
+                    incoming = None
+                if next_item is None:
                     break
-                failure = None
-                detected = None
-                try:
-                    detected = await self.detect(frame)
-                except (ImageError, ModelError) as exc:
-                    failure = FailedFrame(frame, exc)
                 previous = None
                 if reading is not None:
                     previous, reading = await reading, None
-                if detected is not None and stop is not None and stop.is_set():
-                    logger.info("frame %d dropped: the stop came before its reads began", frame.seq)
-                elif detected is not None:
-                    name = f"edge.frame[{frame.seq}]"
-                    reading = asyncio.create_task(self.read(detected), name=name)
+                if next_item.detected is not None and stopped is not None and stopped.done():
+                    logger.info(
+                        "frame %d dropped: the stop came before its reads began",
+                        next_item.frame.seq,
+                    )
+                elif next_item.detected is not None:
+                    name = f"edge.frame[{next_item.frame.seq}]"
+                    reading = asyncio.create_task(self.read(next_item.detected), name=name)
                 if previous is not None:
                     yield previous
-                if failure is not None:
-                    yield failure
+                if next_item.failure is not None:
+                    yield next_item.failure
             if reading is not None:
                 finished, reading = await reading, None
                 yield finished
         finally:
-            for task in (fetch, reading):
+            for task in (incoming, reading, stopped):
                 if task is not None and not task.done():
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+
+    async def _take(
+        self, source: AsyncIterator[Frame], stop: asyncio.Event | None
+    ) -> _TakenFrame | None:
+        """Take the next frame and detect it; ``None`` at the end of ``source``."""
+        frame = await _next_frame(source)
+        if frame is None:
+            return None
+        if stop is not None and stop.is_set():
+            return _TakenFrame(frame)
+        try:
+            return _TakenFrame(frame, detected=await self.detect(frame))
+        except (ImageError, ModelError) as exc:
+            return _TakenFrame(frame, failure=FailedFrame(frame, exc))
 
     async def detect(self, frame: Frame) -> DetectedFrame:
         """Find the regions of one frame, to be read by :meth:`read`.
@@ -279,12 +309,12 @@ class Pipeline:
             reading_at = time.perf_counter()
             frame = detected.frame
             results = await self._read_all(frame, detected.regions, reading_at)
-        loop = asyncio.get_running_loop()
+        finished = time.perf_counter()
         # The frame's temporary buffers are freed by now. Without a trim, glibc keeps them and
         # resident memory stays at the largest frame's peak. A trim of a large, fragmented
-        # heap took up to 160 ms, so it runs on the detector thread, not the event loop.
-        await loop.run_in_executor(self._detect_executor, trim_heap)
-        finished = time.perf_counter()
+        # heap took up to 160 ms, so it runs on a thread of its own and nothing waits for it.
+        if self._trim is None or self._trim.done():
+            self._trim = self._trim_executor.submit(trim_heap)
         return FrameResult(
             seq=frame.seq,
             captured_at=frame.captured_at,
@@ -417,6 +447,7 @@ class Pipeline:
         await self._group.aclose()
         # A running detection blocks the shutdown until it ends, so wait off the event loop.
         await asyncio.to_thread(self._detect_executor.shutdown, wait=True, cancel_futures=True)
+        await asyncio.to_thread(self._trim_executor.shutdown, wait=True, cancel_futures=True)
         readers = {id(r): r for r in [*self._routes.values(), self._code_reader] if r is not None}
         for reader in readers.values():
             reader.close()

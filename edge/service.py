@@ -337,14 +337,20 @@ class _FrameLoop:
     async def run_until_stopped(self) -> None:
         """Run the loop until the source ends or SIGTERM, SIGINT or a valid SIGHUP arrives."""
         loop = asyncio.get_running_loop()
-        self._task = asyncio.create_task(self._run(), name="edge.frames")
-        stats_task = asyncio.create_task(self._send_stats(), name="edge.stats")
         inbox = self._signals
-        replaced = None
+        replaced: dict[int, Any] = {}
         if inbox is None:
             inbox = SignalInbox()
             replaced = inbox.install()
-        inbox.attach(loop, self._request_stop, self._request_reload)
+        try:
+            inbox.attach(loop, self._request_stop, self._request_reload)
+        except BaseException:
+            for signum, handler in replaced.items():
+                signal.signal(signum, handler)
+            raise
+        # A stop that the inbox kept runs on the loop, after these tasks exist.
+        self._task = asyncio.create_task(self._run(), name="edge.frames")
+        stats_task = asyncio.create_task(self._send_stats(), name="edge.stats")
         try:
             await self._task
         except asyncio.CancelledError:
@@ -358,7 +364,7 @@ class _FrameLoop:
             # From here the inbox keeps signals for the caller, so a stop while the run
             # drains still ends the process cleanly.
             inbox.detach()
-            for signum, handler in (replaced or {}).items():
+            for signum, handler in replaced.items():
                 signal.signal(signum, handler)
             if self._cancel_timer is not None:
                 self._cancel_timer.cancel()
@@ -409,7 +415,7 @@ class _FrameLoop:
     def _cancel_reads(self, grace: float) -> None:
         if self._task is None or self._task.done():
             return
-        logger.warning("reads still running %.1f s after the stop, cancelling them", grace)
+        logger.warning("frame loop still running %.1f s after the stop, cancelling it", grace)
         self._task.cancel()
 
     async def _run(self) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
+import threading
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -24,7 +26,7 @@ class SignalInbox:
     ``loop.add_signal_handler`` puts the default action back when its handler is removed,
     so a SIGTERM during the drain or a restart would end the process at once. With this
     handler, a signal goes to the attached frame loop, or waits for the next one to attach.
-    A second SIGINT raises ``KeyboardInterrupt``, so a second Ctrl-C ends the process at once.
+    A second SIGINT gets SIGINT's default action, so a second Ctrl-C ends the process at once.
     """
 
     def __init__(self) -> None:
@@ -55,17 +57,23 @@ class SignalInbox:
         A stop received before wins over a reload received before. The callbacks run on the
         loop, never inside the signal handler.
         """
+        if self._loop is not None:
+            msg = "the signal inbox is already attached to a loop; detach it first"
+            raise RuntimeError(msg)
+        if threading.current_thread() is threading.main_thread():
+            # Python runs its handlers on the main thread only. A signal that lands on another
+            # thread writes to this socket, which wakes the loop so that the handler runs.
+            receiver, sender = socket.socketpair()
+            receiver.setblocking(False)
+            sender.setblocking(False)
+            self._replaced_wakeup_fd = signal.set_wakeup_fd(
+                sender.fileno(), warn_on_full_buffer=False
+            )
+            self._wakeup = (receiver, sender)
+            loop.add_reader(receiver.fileno(), _drain, receiver)
         self._loop = loop
         self._on_stop = on_stop
         self._on_reload = on_reload
-        # Python runs its handlers on the main thread only. A signal that lands on another
-        # thread writes to this socket, which wakes the loop so that the handler runs.
-        receiver, sender = socket.socketpair()
-        receiver.setblocking(False)
-        sender.setblocking(False)
-        self._wakeup = (receiver, sender)
-        self._replaced_wakeup_fd = signal.set_wakeup_fd(sender.fileno(), warn_on_full_buffer=False)
-        loop.add_reader(receiver.fileno(), _drain, receiver)
         if self.stop_signum is not None:
             loop.call_soon(on_stop, self.stop_signum)
         elif self._reload_pending:
@@ -75,8 +83,11 @@ class SignalInbox:
     def detach(self) -> None:
         """Stop sending signals to the loop, and keep them until the next ``attach``."""
         if self._wakeup is not None:
-            signal.set_wakeup_fd(self._replaced_wakeup_fd)
             receiver, sender = self._wakeup
+            # Put the replaced file descriptor back only if nothing replaced this one since.
+            current = signal.set_wakeup_fd(self._replaced_wakeup_fd)
+            if current != sender.fileno():
+                signal.set_wakeup_fd(current)
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(receiver.fileno())
             receiver.close()
@@ -99,7 +110,9 @@ class SignalInbox:
                 self._reload_pending = True
             return
         if self.stop_signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+            return
         if self.stop_signum is None:
             self.stop_signum = signum
         if loop is not None and self._on_stop is not None:

@@ -38,6 +38,7 @@ class SignallingPipeline:
         return synthetic_result(frame.seq, captured_at=frame.captured_at)
 
     stream = Pipeline.stream
+    _take = Pipeline._take
 
     async def aclose(self) -> None:
         os.kill(os.getpid(), signal.SIGTERM)

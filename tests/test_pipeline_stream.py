@@ -197,6 +197,69 @@ async def test_stream_yields_before_next_frame() -> None:
     assert [item.seq for item in rest if isinstance(item, FrameResult)] == [2]
 
 
+class SlowDetector(JournalDetector):
+    """Detects frame 2 only once ``release`` is set, or after ``WAIT`` seconds."""
+
+    def __init__(self, journal: Journal) -> None:
+        super().__init__(journal)
+        self.release = threading.Event()
+
+    def detect_counted(self, image: Image) -> tuple[list[Region], int]:
+        found = super().detect_counted(image)
+        if int(image[0, 0, 0]) == 2:
+            self.release.wait(WAIT)
+        self.journal.add("detect end", int(image[0, 0, 0]))
+        return found
+
+
+async def test_stream_yields_during_next_detection() -> None:
+    """A result comes out while the next frame is still being detected."""
+    journal = Journal()
+    detector = SlowDetector(journal)
+    options = PipelineOptions(full_frame_codes="never", reuse_unchanged=False, op_timeout=30)
+    reader = WaitingReader(journal, wait_below=0)
+    pipeline = Pipeline(detector, {"text": reader}, options=options)
+    try:
+        async with contextlib.aclosing(pipeline.stream([_frame(1), _frame(2)])) as results:
+            first = await anext(results)
+            journal.add("result", 1)
+            detector.release.set()
+            rest = [item async for item in results]
+    finally:
+        await pipeline.aclose()
+    assert isinstance(first, FrameResult)
+    assert first.seq == 1
+    assert [item.seq for item in rest if isinstance(item, FrameResult)] == [2]
+    assert journal.entries.index(("result", 1)) < journal.entries.index(("detect end", 2))
+
+
+async def test_stream_stop_cuts_frame_wait() -> None:
+    """A stop ends the stream while the source still waits for a frame, none is detected."""
+    journal = Journal()
+    pipeline = _pipeline(journal)
+    stop = asyncio.Event()
+
+    async def camera() -> AsyncIterator[Frame]:
+        yield _frame(1)
+        await asyncio.Event().wait()
+        yield _frame(2)
+
+    try:
+        async with contextlib.aclosing(pipeline.stream(camera(), stop=stop)) as results:
+            first = await anext(results)
+            stop.set()
+            rest = await asyncio.wait_for(_drain(results), WAIT)
+    finally:
+        await pipeline.aclose()
+    assert isinstance(first, FrameResult)
+    assert rest == []
+    assert [seq for action, seq in journal.entries if action == "detect"] == [1]
+
+
+async def _drain(results: AsyncIterator[FrameResult | FailedFrame]) -> list[object]:
+    return [item async for item in results]
+
+
 async def test_stream_source_error_after_result() -> None:
     """A camera error propagates, but only after the frame already in flight comes out."""
     journal = Journal()
@@ -303,7 +366,7 @@ class StopRequestingReader(WaitingReader):
         self.request_stop = request_stop
 
     def read(self, image: Image, cancellation: Cancellation | None = None) -> Reading:
-        if int(image[0, 0, 0]) == 1:
+        if int(image[0, 0, 0]) == 1 and self.journal.event(2).wait(WAIT):
             self.request_stop()
             time.sleep(0.2)
         return super().read(image, cancellation)
@@ -329,7 +392,9 @@ async def test_frame_loop_stop_publishes_frame_being_read() -> None:
         await pipeline.aclose()
     assert [result.seq for result in published] == [1]
     assert summary.frames == 1
-    assert ("read start", 3) not in journal.entries
+    # Frame 2 was detected before the stop, and dropped before its reads began.
+    assert ("detect", 2) in journal.entries
+    assert ("read start", 2) not in journal.entries
 
 
 async def test_frame_loop_second_reload_rereads_file(tmp_path: Path) -> None:

@@ -45,6 +45,7 @@ class _StandInPipeline:
 
     # The real pipeline's driver, over the stand-in's two stages.
     stream = Pipeline.stream
+    _take = Pipeline._take
 
     async def aclose(self) -> None:
         return None

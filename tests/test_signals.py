@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -109,8 +111,21 @@ async def test_signal_on_worker_thread_wakes_loop(inbox: SignalInbox) -> None:
     assert inbox.stop_signum == signal.SIGTERM
 
 
-def test_second_sigint_interrupts(inbox: SignalInbox) -> None:
-    os.kill(os.getpid(), signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
-        os.kill(os.getpid(), signal.SIGINT)
-    assert inbox.stop_signum == signal.SIGINT
+def test_second_sigint_ends_process() -> None:
+    """The first SIGINT is kept for the loop, and the second ends the process at once."""
+    script = (
+        "import os, signal, time\n"
+        "from edge.signals import SignalInbox\n"
+        "inbox = SignalInbox()\n"
+        "inbox.install()\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "print('kept', inbox.stop_signum == signal.SIGINT, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(5)\n"
+        "print('still running', flush=True)\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert completed.stdout == "kept True\n", completed.stderr
+    assert completed.returncode == -signal.SIGINT
