@@ -314,7 +314,9 @@ class Pipeline:
         # resident memory stays at the largest frame's peak. A trim of a large, fragmented
         # heap took up to 160 ms, so it runs on a thread of its own and nothing waits for it.
         if self._trim is None or self._trim.done():
-            self._trim = self._trim_executor.submit(trim_heap)
+            # A read that ends while aclose() runs finds the trim thread shut down already.
+            with contextlib.suppress(RuntimeError):
+                self._trim = self._trim_executor.submit(trim_heap)
         return FrameResult(
             seq=frame.seq,
             captured_at=frame.captured_at,
