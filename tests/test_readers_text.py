@@ -493,6 +493,25 @@ def test_model_calls_take_turns_between_reads() -> None:
     assert started.index("b1") < 8
 
 
+def test_model_calls_failure_drops_queued() -> None:
+    """When a call raises, no worker starts the read's queued calls, and the read raises it."""
+    calls = ModelCalls(1)
+    started: list[int] = []
+
+    def fail() -> None:
+        msg = "decoder broke"
+        raise ValueError(msg)
+
+    queued: list[Callable[[], None]] = [fail]
+    queued += [functools.partial(started.append, i) for i in range(50)]
+    with pytest.raises(ValueError, match="decoder broke"):
+        calls.run(queued)
+    assert started == []
+    assert calls.run([functools.partial(started.append, 1)]) == [None]
+    assert started == [1]
+    calls.close()
+
+
 def test_model_calls_close_fails_waiting_calls() -> None:
     """Closing fails the calls that no worker has started, with a message naming the cause."""
     calls = ModelCalls(1)

@@ -591,10 +591,23 @@ class ModelCalls:
             try:
                 result = call()
             except BaseException as exc:
-                # Whatever the call raised is raised again in the read that waits for it.
+                # The read's queued calls are dropped first, so no worker starts one of them
+                # before the read wakes up. The exception is raised again in the read.
+                self._drop(key)
                 future.set_exception(exc)
             else:
                 future.set_result(result)
+
+    def _drop(self, key: int) -> None:
+        """Cancel the calls of one read that no worker has taken yet."""
+        with self._condition:
+            queue = self._pending.get(key)
+            dropped = list(queue) if queue else []
+            if queue:
+                queue.clear()
+        for future, _ in dropped:
+            future.cancel()
+            future.set_running_or_notify_cancel()
 
 
 class PixelBudget:
