@@ -42,6 +42,7 @@ from edge.factory import (
     build_detector,
     build_pipeline,
     build_readers,
+    detector_threads,
     full_frame_code_reader,
 )
 from edge.pipeline import MIN_REGION_SIDE, FailedFrame, crop_with_margin
@@ -153,7 +154,6 @@ def generate_frames(count: int, width: int, height: int) -> Iterator[Image]:
 def describe_device(config: Config, frame_count: int, size: tuple[int, int]) -> dict[str, Any]:
     """Return the versions, CPUs, thread settings, model and frames the figures depend on."""
     usable_cpus = len(os.sched_getaffinity(0))
-    detector_threads = config.detector.threads
     return {
         "edge_version": __version__,
         "python_version": platform.python_version(),
@@ -163,9 +163,8 @@ def describe_device(config: Config, frame_count: int, size: tuple[int, int]) -> 
         "onnxruntime_version": ort.__version__,
         "onnxruntime_providers": ort.get_available_providers(),
         "threads": {
-            "detector.threads": detector_threads,
-            # Detector runs one intra-op thread per usable CPU when the setting is 0.
-            "detector_intra_op_threads": detector_threads or usable_cpus,
+            "detector.threads": config.detector.threads,
+            "detector_intra_op_threads": detector_threads(config),
             "readers.text.threads": config.readers.text.threads,
             "pipeline.concurrency": config.pipeline.concurrency,
             "opencv_threads": cv2.getNumThreads(),

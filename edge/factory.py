@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from edge.config import Config
 from edge.detector import Detector
@@ -51,6 +52,21 @@ def full_frame_code_reader() -> CodeReader:
     return CodeReader(retry_max_pixels=FULL_FRAME_RETRY_MAX_PIXELS)
 
 
+def detector_threads(config: Config) -> int:
+    """Return the detector's intra-op thread count: the setting, or the CPUs reads leave free.
+
+    Each frame is detected while the previous frame's regions are read, on up to
+    ``pipeline.concurrency`` cores. So ``detector.threads = 0`` gives the detector the other
+    CPUs this process may use, and at least one. On 2 CPUs (x86-64, concurrency 2), one
+    thread rather than two gave 0 to 10% more frames per second, and the same rate with
+    regions read one at a time.
+    """
+    if config.detector.threads:
+        return config.detector.threads
+    usable = len(os.sched_getaffinity(0))
+    return max(1, usable - config.pipeline.concurrency)
+
+
 def build_detector(config: Config) -> Detector:
     """Load the detector that ``config.detector`` describes, without warming it up."""
     detector_config = config.detector
@@ -59,7 +75,7 @@ def build_detector(config: Config) -> Detector:
         labels_path=detector_config.labels,
         score_threshold=detector_config.score_threshold,
         iou_threshold=detector_config.iou_threshold,
-        threads=detector_config.threads or None,
+        threads=detector_threads(config),
         tile_scale=detector_config.tile_scale or None,
         merge_classes=detector_config.merge_classes,
     )

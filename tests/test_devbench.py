@@ -94,7 +94,7 @@ def test_bench_json_ocr_models_rewritten(report: dict[str, Any]) -> None:
 def test_bench_json_default_threads(report: dict[str, Any]) -> None:
     assert report["threads"] == {
         "detector.threads": 0,
-        "detector_intra_op_threads": len(os.sched_getaffinity(0)),
+        "detector_intra_op_threads": max(1, len(os.sched_getaffinity(0)) - 2),
         "readers.text.threads": 1,
         "pipeline.concurrency": 2,
         "opencv_threads": 1,
