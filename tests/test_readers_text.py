@@ -504,12 +504,58 @@ def test_model_calls_failure_drops_queued() -> None:
 
     queued: list[Callable[[], None]] = [fail]
     queued += [functools.partial(started.append, i) for i in range(50)]
-    with pytest.raises(ValueError, match="decoder broke"):
-        calls.run(queued)
-    assert started == []
-    assert calls.run([functools.partial(started.append, 1)]) == [None]
-    assert started == [1]
-    calls.close()
+    try:
+        with pytest.raises(ValueError, match="decoder broke"):
+            calls.run(queued)
+        assert started == []
+        assert calls.run([functools.partial(started.append, 1)]) == [None]
+        assert started == [1]
+    finally:
+        calls.close()
+
+
+@pytest.mark.parametrize("first_fails", [False, True], ids=["second-fails", "both-fail"])
+def test_model_calls_failure_two_workers(first_fails: bool) -> None:
+    """With two workers, a failure while the other worker runs an earlier call drops the
+    queued calls, and the read raises the first failure in call order."""
+    calls = ModelCalls(2)
+    release = threading.Event()
+    started: list[int] = []
+
+    def first() -> None:
+        release.wait(5)
+        if first_fails:
+            msg = "first call broke"
+            raise KeyError(msg)
+
+    def second() -> None:
+        msg = "second call broke"
+        raise ValueError(msg)
+
+    queued: list[Callable[[], None]] = [first, second]
+    queued += [functools.partial(started.append, i) for i in range(20)]
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            calls.run(queued)
+        except (KeyError, ValueError) as exc:
+            errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    try:
+        reader.start()
+        reader.join(0.2)
+        assert reader.is_alive()
+        release.set()
+        reader.join(5)
+        assert not reader.is_alive()
+        assert started == []
+        assert len(errors) == 1
+        assert isinstance(errors[0], KeyError if first_fails else ValueError)
+    finally:
+        release.set()
+        calls.close()
 
 
 def test_model_calls_close_fails_waiting_calls() -> None:

@@ -526,8 +526,8 @@ class ModelCalls:
     def run(self, calls: Sequence[Callable[[], _Result]]) -> list[_Result]:
         """Run ``calls`` on the workers and return their results in order.
 
-        When a call raises, the calls not yet started are dropped, and the first exception in
-        call order is raised once the started calls have ended.
+        When a call raises, the calls that no worker has taken yet are dropped, and the first
+        exception in call order is raised once the started calls have ended.
 
         Raises:
             ReaderError: If :meth:`close` was called before or during the run.
