@@ -76,9 +76,10 @@ class DetectorConfig:
             metadata.
         score_threshold: Minimum confidence of a detection, 0..1.
         iou_threshold: Overlap above which non-maximum suppression drops a box, 0..1.
-        threads: onnxruntime intra-op threads. With 0 the detector uses the CPUs this
-            process may use less ``pipeline.concurrency``, and at least one, because frames
-            are detected while the previous frame's regions are read.
+        threads: onnxruntime intra-op threads. 0 means the CPUs this process may use minus
+            the cores that region reads can keep busy (``pipeline.concurrency`` times
+            ``readers.text.threads`` with OCR), and at least 1, because each frame is
+            detected while the previous frame's regions are read.
         tile_scale: Frames that the model input shrinks by more than this factor are also
             detected in four overlapping tiles (with the 416-pixel default model: frames
             wider than 1664 pixels). 0 turns tiling off.

@@ -10,33 +10,54 @@ import pytest
 from edge.config import Config
 from edge.factory import build_detector, detector_threads
 
+TEXT_AND_CODES = {"text": "text", "qr_code": "codes", "barcode": "codes"}
 
-def _config(threads: int, concurrency: int) -> Config:
+
+def _config(
+    threads: int,
+    concurrency: int,
+    *,
+    text_threads: int = 1,
+    code_workers: int = 1,
+    routes: dict[str, str] | None = None,
+) -> Config:
     config = Config()
+    readers = config.readers
     return replace(
         config,
         detector=replace(config.detector, threads=threads),
-        pipeline=replace(config.pipeline, concurrency=concurrency),
+        pipeline=replace(config.pipeline, concurrency=concurrency, code_workers=code_workers),
+        readers=replace(
+            readers,
+            routes=TEXT_AND_CODES if routes is None else routes,
+            text=replace(readers.text, threads=text_threads),
+        ),
     )
 
 
 @pytest.mark.parametrize(
-    ("cpus", "threads", "concurrency", "expected"),
+    ("cpus", "config", "expected"),
     [
-        pytest.param(2, 0, 2, 1, id="two-cpus"),
-        pytest.param(4, 0, 2, 2, id="four-cpus"),
-        pytest.param(8, 0, 1, 7, id="one-read"),
-        pytest.param(2, 0, 8, 1, id="more-reads-than-cpus"),
-        pytest.param(1, 0, 1, 1, id="one-cpu"),
-        pytest.param(2, 3, 2, 3, id="set-explicitly"),
+        pytest.param(2, _config(0, 2), 1, id="two-cpus"),
+        pytest.param(4, _config(0, 2), 2, id="four-cpus"),
+        pytest.param(8, _config(0, 1), 7, id="one-read"),
+        pytest.param(2, _config(0, 8), 1, id="more-reads-than-cpus"),
+        pytest.param(1, _config(0, 1), 1, id="one-cpu"),
+        pytest.param(8, _config(0, 2, text_threads=2), 4, id="two-ocr-threads"),
+        pytest.param(8, _config(0, 4, routes={"qr_code": "codes"}), 7, id="codes-one-worker"),
+        pytest.param(
+            8, _config(0, 4, code_workers=0, routes={"qr_code": "codes"}), 4, id="codes-per-read"
+        ),
+        pytest.param(4, _config(0, 2, routes={}), 4, id="no-routes"),
+        pytest.param(2, _config(3, 2), 3, id="set-explicitly"),
     ],
 )
-def test_detector_threads_auto(
-    monkeypatch: pytest.MonkeyPatch, cpus: int, threads: int, concurrency: int, expected: int
+def test_detector_threads_resolves(
+    monkeypatch: pytest.MonkeyPatch, cpus: int, config: Config, expected: int
 ) -> None:
-    """Threads 0 leaves the detector the CPUs that region reads do not use, at least one."""
+    """Threads 0 leaves the detector the CPUs that region reads cannot use, at least one."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(cpus)))
-    assert detector_threads(_config(threads, concurrency)) == expected
+    assert detector_threads(config) == expected
 
 
 def test_build_detector_threads(monkeypatch: pytest.MonkeyPatch) -> None:
