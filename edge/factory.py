@@ -56,7 +56,7 @@ def detector_threads(config: Config) -> int:
     """Return the detector's intra-op thread count.
 
     Each frame is detected while the previous frame's regions are read. So with
-    ``detector.threads = 0`` the detector gets the CPUs this process may use less the cores
+    ``detector.threads = 0`` the detector gets the CPUs this process may use minus the cores
     that reads can keep busy, and at least one. OCR reads use ``pipeline.concurrency`` times
     ``readers.text.threads`` cores, code reads one core per worker process. On a 2-core
     x86-64 machine with two pipelines alternated in one process on the same frames, one
