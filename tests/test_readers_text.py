@@ -467,10 +467,18 @@ def test_model_calls_take_turns_between_reads() -> None:
     calls = ModelCalls(2)
     started: list[str] = []
     first_running = threading.Event()
+    short_queued = threading.Event()
 
     def call(name: str) -> str:
         started.append(name)
         first_running.set()
+        # Calls wait until the short read is queued, so thread wake-up times do not change
+        # the order checked below.
+        deadline = time.monotonic() + 5
+        while not short_queued.is_set() and time.monotonic() < deadline:
+            if len(calls._pending) >= 2:
+                short_queued.set()
+            time.sleep(0.001)
         time.sleep(0.01)
         return name
 
@@ -958,13 +966,18 @@ def test_pixel_budget_grants_in_arrival_order() -> None:
         with budget.reserve(pixels):
             order.append(name)
 
+    def wait_for_queue(length: int) -> None:
+        deadline = time.monotonic() + 5
+        while len(budget._queue) < length and time.monotonic() < deadline:
+            time.sleep(0.005)
+
     with budget.reserve(60):
         large = threading.Thread(target=take, args=("large", 80))
         large.start()
-        time.sleep(0.1)
+        wait_for_queue(1)
         small = threading.Thread(target=take, args=("small", 30))
         small.start()
-        time.sleep(0.1)
+        wait_for_queue(2)
         assert order == []
     large.join(5)
     small.join(5)

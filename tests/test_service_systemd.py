@@ -7,10 +7,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 from conftest import REPO, Broker, free_port
 
@@ -122,10 +124,24 @@ def test_service_sighup_reloads_configuration(tmp_path: Path) -> None:
         text=True,
     )
     assert process.stdout is not None
+    assert process.stderr is not None
+    errors: list[str] = []
+    rejected = threading.Event()
+
+    def collect_stderr(stream: IO[str]) -> None:
+        for text in stream:
+            errors.append(text)
+            if "configuration not reloaded" in text:
+                rejected.set()
+
+    collector = threading.Thread(target=collect_stderr, args=(process.stderr,), daemon=True)
+    collector.start()
     try:
         assert '"device_id":"before"' in process.stdout.readline()
         config.write_text(base + "[mqtt]\nport = 0\n")
         process.send_signal(signal.SIGHUP)
+        # The valid file is written only after the daemon has rejected the invalid one.
+        assert rejected.wait(60), "".join(errors)
         assert '"device_id":"before"' in process.stdout.readline()
         config.write_text(base + '[device]\nid = "after"\n[mqtt]\nenabled = false\n')
         process.send_signal(signal.SIGHUP)
@@ -141,8 +157,8 @@ def test_service_sighup_reloads_configuration(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
-        assert process.stderr is not None
-        stderr = process.stderr.read()
+        collector.join(10)
+        stderr = "".join(errors)
         process.stdout.close()
         process.stderr.close()
     assert '"device_id":"after"' in line, stderr
