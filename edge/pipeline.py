@@ -3,17 +3,20 @@
 Detection runs on a dedicated single-thread executor, because one onnxruntime session already
 uses the cores it is given. Region reads are WaitGroup operations: thread kind for readers that
 release the GIL (OCR), process kind for readers that may crash or hang (zbar). One reusable
-group serves every frame; each frame is one epoch of it, so the group's deadline is the frame
-deadline and a read that overruns ``op_timeout`` costs its own region only.
+group serves every frame and bounds the reads of all frames together. A read that overruns
+``op_timeout`` costs its own region only, and each frame's reads end at its frame deadline.
 
 A frame goes through two stages, :meth:`Pipeline.detect` and :meth:`Pipeline.read`. Read stages
-run one frame at a time in the order they were called, so a caller may detect the next frame
-while the reads of the previous one still run. :meth:`Pipeline.stream` drives frames that way.
+start in the order they were called: a frame's reads queue for the group's slots once every
+read of the previous frame has started. So the next frame's reads fill the slots that the
+previous frame's last reads leave free, and a caller may detect the next frame meanwhile.
+:meth:`Pipeline.stream` drives frames that way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import functools
@@ -28,8 +31,8 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass, replace
-from typing import Literal, Protocol
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -50,8 +53,8 @@ from edge.results import (
     RegionStatus,
     TextLine,
 )
-from edge.reuse import ReuseCache, Signature, signature
-from edge.waitgroup import DeadlineExceeded, OpHandle, OpResult, Outcome, WaitGroup
+from edge.reuse import CachedRead, ReuseCache, Signature, signature
+from edge.waitgroup import OpHandle, OpResult, Outcome, WaitGroup
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +124,53 @@ class _TakenFrame:
     failure: FailedFrame | None = None
 
 
+@dataclass(eq=False)
+class _ReadTurn:
+    """Progress of one frame's read stage, which the next frame's read stage waits on.
+
+    Attributes:
+        began: A read of the frame has a slot of the group, or the stage ended.
+        started: Every read of the frame has had a slot or missed the deadline, or the stage
+            ended.
+        ended: The stage ended.
+    """
+
+    began: asyncio.Event = field(default_factory=asyncio.Event)
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(frozen=True, eq=False)
+class _Reading:
+    """A frame's read stage in :meth:`Pipeline.stream`."""
+
+    seq: int
+    task: asyncio.Task[FrameResult]
+    turn: _ReadTurn
+    dropped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @classmethod
+    def start(cls, pipeline: Pipeline, detected: DetectedFrame) -> _Reading:
+        turn = _ReadTurn()
+        name = f"edge.frame[{detected.frame.seq}]"
+        task = asyncio.create_task(pipeline._read(detected, turn), name=name)
+        return cls(detected.frame.seq, task, turn)
+
+    def drop(self) -> None:
+        """Cancel the stage; :meth:`result` then gives ``None``."""
+        self.task.cancel()
+        self.dropped.set()
+        logger.info("frame %d dropped: the stop came before its reads began", self.seq)
+
+    async def result(self) -> FrameResult | None:
+        """Wait for the stage and return its result, ``None`` if it was dropped."""
+        if self.dropped.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+            return None
+        return await self.task
+
+
 @dataclass(frozen=True, eq=False)
 class _Job:
     """One region to read: the crop a reader gets and where it sits in the frame."""
@@ -132,6 +182,8 @@ class _Job:
     offset: tuple[int, int] = (0, 0)
     signature: Signature | None = None
     reused: Reading | None = None
+    #: The previous frame's read of the same pixels, still running when this job was made.
+    pending: CachedRead | None = None
 
 
 class Pipeline:
@@ -169,14 +221,13 @@ class Pipeline:
         self._group = WaitGroup(
             limit=self._options.concurrency,
             op_timeout=self._options.op_timeout,
-            deadline=self._options.frame_deadline,
             process_workers=self._options.code_workers or None,
             name="edge.readers",
         )
         self._reuse = ReuseCache() if self._options.reuse_unchanged else None
-        # Read stages share the group and the reuse cache, so they run one at a time, in
-        # call order (asyncio locks wake their waiters first in, first out).
-        self._read_lock = asyncio.Lock()
+        # Read stages share the group and the reuse cache, so each one begins once the
+        # previous one has started all its reads.
+        self._last_turn: _ReadTurn | None = None
 
     @property
     def group(self) -> WaitGroup:
@@ -198,65 +249,80 @@ class Pipeline:
         """Yield the result of every frame in order, detecting each while the previous is read.
 
         The next frame is taken from ``frames`` and detected while the current one is read.
-        Its reads start when the current frame's reads end, so at most two frames are in
-        flight. A result is yielded as soon as its reads end, even while the next frame is
-        still awaited or detected.
+        Its reads begin once every read of the current frame has started (see :meth:`read`),
+        and the frame after it is taken once the current frame's reads end. So at most two
+        frames are read at once and a third is detected. A result is yielded as soon as its
+        reads end, even while the next frame is still awaited or detected.
 
         A frame that cannot be converted or detected yields a :class:`FailedFrame` and costs
-        itself only. An error raised by ``frames`` propagates after the result in flight.
+        itself only. An error raised by ``frames`` propagates after the results in flight.
         Once ``stop`` is set, no frame is taken or detected, the wait for one is cut short,
-        and a detected frame whose reads have not begun is dropped, so a stop waits for one
-        frame's reads at most. Close the generator (``contextlib.aclosing``) to cancel the
+        and a detected frame whose reads have not begun is dropped, so a stop waits for two
+        frames' reads at most. Close the generator (``contextlib.aclosing``) to cancel the
         reads still in flight when leaving early. ``frames`` is not closed here, so an async
         generator there is the caller's to close.
         """
         source = aiter(frames) if isinstance(frames, AsyncIterable) else _from_iterable(frames)
-        reading: asyncio.Task[FrameResult] | None = None
+        # Read stages in frame order: at most two, the oldest first.
+        reading: collections.deque[_Reading] = collections.deque()
         incoming: asyncio.Task[_TakenFrame | None] | None = None
         stopped = asyncio.ensure_future(stop.wait()) if stop is not None else None
+        if stopped is not None:
+            stopped.add_done_callback(lambda _: _drop_unbegun(reading))
+
+        async def finish_oldest() -> FrameResult | None:
+            # The stage leaves the queue once it ended, so a stop never drops it.
+            result = await reading[0].result()
+            reading.popleft()
+            return result
+
         try:
             while stopped is None or not stopped.done():
                 incoming = asyncio.create_task(self._take(source, stop), name="edge.next-frame")
                 while not incoming.done() and (stopped is None or not stopped.done()):
-                    waiters = {incoming, *(t for t in (reading, stopped) if t is not None)}
+                    waiters: set[asyncio.Future[Any]] = {incoming}
+                    if reading:
+                        waiters.add(reading[0].task)
+                    if stopped is not None:
+                        waiters.add(stopped)
                     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-                    if reading is not None and reading.done():
-                        finished, reading = reading.result(), None
-                        yield finished
+                    while reading and reading[0].task.done():
+                        if (result := await finish_oldest()) is not None:
+                            yield result
                 if not incoming.done():
                     # The stop came first, so the frame being taken or detected is dropped.
                     break
                 try:
                     next_item = incoming.result()
                 except Exception:
-                    if reading is not None:
-                        finished, reading = await reading, None
-                        yield finished
+                    while reading:
+                        if (result := await finish_oldest()) is not None:
+                            yield result
                     raise
                 finally:
                     incoming = None
                 if next_item is None:
                     break
-                previous = None
-                if reading is not None:
-                    previous, reading = await reading, None
                 if next_item.detected is not None and stopped is not None and stopped.done():
                     logger.info(
                         "frame %d dropped: the stop came before its reads began",
                         next_item.frame.seq,
                     )
                 elif next_item.detected is not None:
-                    name = f"edge.frame[{next_item.frame.seq}]"
-                    reading = asyncio.create_task(self.read(next_item.detected), name=name)
-                if previous is not None:
-                    yield previous
+                    reading.append(_Reading.start(self, next_item.detected))
+                # The next frame is taken once the oldest frame's reads end, and a failed
+                # frame is yielded after the frames before it.
+                limit = 0 if next_item.failure is not None else 1
+                while len(reading) > limit:
+                    if (result := await finish_oldest()) is not None:
+                        yield result
                 if next_item.failure is not None:
                     yield next_item.failure
-            if reading is not None:
-                finished, reading = await reading, None
-                yield finished
+            while reading:
+                if (result := await finish_oldest()) is not None:
+                    yield result
         finally:
-            for task in (incoming, reading, stopped):
+            for task in (incoming, *(r.task for r in reading), stopped):
                 if task is not None and not task.done():
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -302,13 +368,25 @@ class Pipeline:
     async def read(self, detected: DetectedFrame) -> FrameResult:
         """Read every region of a detected frame, after the frames whose reads began before.
 
-        The frame deadline counts from the start of this frame's reads, not from the wait
-        for the previous frame, which ``timings_ms["queue"]`` reports.
+        This frame's reads begin once every read of the previous call has started, and
+        queue for the group's slots behind them. The frame deadline counts from that
+        moment, not from the wait for the previous frame, which ``timings_ms["queue"]``
+        reports. A region whose pixels match one that the previous frame is still reading
+        waits for that read and reuses its result, when ``reuse_unchanged`` is on.
         """
-        async with self._read_lock:
+        return await self._read(detected, _ReadTurn())
+
+    async def _read(self, detected: DetectedFrame, turn: _ReadTurn) -> FrameResult:
+        previous, self._last_turn = self._last_turn, turn
+        frame = detected.frame
+        try:
+            if previous is not None:
+                await previous.started.wait()
             reading_at = time.perf_counter()
-            frame = detected.frame
-            results = await self._read_all(frame, detected.regions, reading_at)
+            results = await self._read_all(frame, detected.regions, turn, previous)
+        finally:
+            for event in (turn.began, turn.started, turn.ended):
+                event.set()
         finished = time.perf_counter()
         # The frame's temporary buffers are freed by now. Without a trim, glibc keeps them and
         # resident memory stays at the largest frame's peak. A trim of a large, fragmented
@@ -334,9 +412,19 @@ class Pipeline:
         )
 
     async def _read_all(
-        self, frame: Frame, regions: Sequence[Region], started: float
+        self,
+        frame: Frame,
+        regions: Sequence[Region],
+        turn: _ReadTurn,
+        previous: _ReadTurn | None,
     ) -> list[RegionResult]:
+        deadline = asyncio.get_running_loop().time() + self._options.frame_deadline
         jobs = [self._job_for(frame, region) for region in regions]
+        if previous is not None and any(job.pending is not None for job in jobs):
+            # The previous frame's reads of these pixels end before its entries are final.
+            await previous.ended.wait()
+            jobs = [self._with_reuse(job) if job.pending is not None else job for job in jobs]
+        entries = self._remember(jobs)
         policy = self._options.full_frame_codes
         code_name = self._code_reader.name if self._code_reader is not None else None
         code_classes = {c for c, r in self._routes.items() if r.name == code_name}
@@ -348,55 +436,65 @@ class Pipeline:
         )
         if early_fallback:
             jobs.append(self._full_frame_job(frame))
-        outcomes = await self._run(frame, jobs)
+        outcomes = await self._run(frame, jobs, deadline, turn)
         results = _assemble(jobs, outcomes)
-        self._remember(jobs, outcomes)
+        self._resolve(entries, outcomes)
         late_fallback = (
             not early_fallback
             and self._code_reader is not None
             and policy == "when_none_read"
             and not any(r.reading.codes for r in results)
         )
-        # The late decode is a second WaitGroup epoch with a deadline of its own, so its
-        # timeout is cut to what is left of this frame's deadline.
-        remaining = self._options.frame_deadline - (time.perf_counter() - started)
-        if late_fallback and remaining > 0:
+        if late_fallback and asyncio.get_running_loop().time() < deadline:
             job = self._full_frame_job(frame)
-            timeout = min(self._options.op_timeout, remaining)
-            results += _assemble([job], await self._run(frame, [job], op_timeout=timeout))
-        if self._reuse is not None:
-            self._reuse.next_frame()
+            results += _assemble([job], await self._run(frame, [job], deadline, turn))
         return _split_full_frame(results)
 
     def _with_reuse(self, job: _Job) -> _Job:
         """Attach the crop's signature and, if its pixels did not change, the old reading.
 
         A reused reading keeps the signature of the pixels it was read from, so slow changes
-        add up until the region is read again.
+        add up until the region is read again. When the old read is still running, the job
+        gets it as ``pending`` instead, and is looked up again once that read ends.
         """
         if self._reuse is None or job.reader is None or job.crop is None:
             return job
-        crop_signature = signature(job.crop)
+        crop_signature = job.signature if job.signature is not None else signature(job.crop)
         cached = self._reuse.lookup(job.region.class_name, job.region.box, crop_signature)
         if cached is None:
-            return replace(job, signature=crop_signature)
-        return replace(job, signature=cached.signature, reused=cached.reading)
+            return replace(job, signature=crop_signature, pending=None)
+        if cached.pending:
+            return replace(job, signature=crop_signature, pending=cached)
+        return replace(job, signature=cached.signature, reused=cached.reading, pending=None)
 
-    def _remember(
-        self, jobs: Sequence[_Job], outcomes: Mapping[int, OpResult[Reading] | None]
+    def _remember(self, jobs: Sequence[_Job]) -> dict[int, CachedRead]:
+        """Store this frame's regions for the next frame, those still to be read as pending.
+
+        Returns the pending entries by job, to be resolved when the reads end.
+        """
+        if self._reuse is None:
+            return {}
+        entries = {}
+        for job in jobs:
+            if job.signature is not None:
+                entry = self._reuse.store(
+                    job.region.class_name, job.region.box, job.signature, job.reused
+                )
+                if entry.pending:
+                    entries[id(job)] = entry
+        self._reuse.next_frame()
+        return entries
+
+    def _resolve(
+        self, entries: Mapping[int, CachedRead], outcomes: Mapping[int, OpResult[Reading] | None]
     ) -> None:
-        """Store this frame's readings, in crop pixels, for the next frame."""
+        """Give the pending entries their readings; drop those whose reads failed."""
         if self._reuse is None:
             return
-        for job in jobs:
-            if job.signature is None:
-                continue
-            op = outcomes.get(id(job))
-            reading = job.reused
-            if reading is None and op is not None and op.outcome is Outcome.SUCCEEDED:
-                reading = op.value
-            if reading is not None:
-                self._reuse.store(job.region.class_name, job.region.box, job.signature, reading)
+        for key, entry in entries.items():
+            op = outcomes.get(key)
+            succeeded = op is not None and op.outcome is Outcome.SUCCEEDED
+            self._reuse.resolve(entry, op.value if succeeded and op is not None else None)
 
     def _job_for(self, frame: Frame, region: Region) -> _Job:
         reader = self._routes.get(region.class_name)
@@ -413,36 +511,75 @@ class Pipeline:
         return _Job(region, self._code_reader, Origin.FULL_FRAME, frame.image)
 
     async def _run(
-        self, frame: Frame, jobs: Sequence[_Job], *, op_timeout: float | None = None
+        self, frame: Frame, jobs: Sequence[_Job], deadline: float, turn: _ReadTurn
     ) -> dict[int, OpResult[Reading] | None]:
-        handles: dict[int, OpHandle[Reading] | None] = {}
-        for job in sorted(jobs, key=_estimated_cost, reverse=True):
-            reader = job.reader
-            if reader is None or job.crop is None or job.reused is not None:
-                continue
-            name = f"edge.read.{reader.name}[{frame.seq}]"
-            read: Callable[[Image], Reading] = reader.read
-            on_cancel = None
-            # A timed-out thread cannot be killed, so a cancellable reader gets a cancellation
-            # request, stops its model run and frees its thread for the next read.
-            if reader.kind == "thread" and reader.cancellable:
-                cancellation = Cancellation()
-                read = functools.partial(reader.read, cancellation=cancellation)
-                on_cancel = cancellation.cancel
+        """Read the jobs in the group and wait for their outcomes, until ``deadline``.
+
+        ``deadline`` is on the event loop's clock. A job not started by then gets ``None``,
+        and a read still running then is cancelled and reported as timed out. ``turn`` is
+        marked started once every job has a slot, so the next frame's reads queue behind.
+        """
+        loop = asyncio.get_running_loop()
+        handles: dict[int, OpHandle[Reading]] = {}
+        expired: set[int] = set()
+
+        def expire() -> None:
+            for key, handle in handles.items():
+                if handle.cancel("frame deadline"):
+                    expired.add(key)
+
+        timer = loop.call_at(deadline, expire)
+        try:
             try:
-                handles[id(job)] = await self._group.go(
-                    read,
-                    job.crop,
-                    kind=reader.kind,
-                    name=name,
-                    timeout=op_timeout or self._options.op_timeout,
-                    on_cancel=on_cancel,
-                )
-            except DeadlineExceeded:
-                handles[id(job)] = None
-        await self._group.wait()
+                async with asyncio.timeout_at(deadline):
+                    for job in sorted(jobs, key=_estimated_cost, reverse=True):
+                        if job.reader is not None and job.crop is not None and job.reused is None:
+                            handles[id(job)] = await self._go(frame, job.reader, job.crop)
+                            turn.began.set()
+            except TimeoutError:
+                pass
+            finally:
+                turn.started.set()
+            if handles:
+                await asyncio.gather(*handles.values(), return_exceptions=True)
+        finally:
+            timer.cancel()
+            # Left early (the frame's read stage was cancelled): stop the reads of this frame.
+            for handle in handles.values():
+                handle.cancel("frame read cancelled")
         self._group.take_results()
-        return {key: (h.result if h is not None else None) for key, h in handles.items()}
+        outcomes: dict[int, OpResult[Reading] | None] = {}
+        for job in jobs:
+            started = handles.get(id(job))
+            if started is None:
+                if job.reader is not None and job.crop is not None and job.reused is None:
+                    outcomes[id(job)] = None
+                continue
+            result = started.result
+            if id(job) in expired and result is not None and result.outcome is Outcome.CANCELLED:
+                result = replace(result, outcome=Outcome.TIMED_OUT, reason="deadline")
+            outcomes[id(job)] = result
+        return outcomes
+
+    async def _go(self, frame: Frame, reader: Reader, crop: Image) -> OpHandle[Reading]:
+        """Submit one read to the group, waiting for a slot."""
+        name = f"edge.read.{reader.name}[{frame.seq}]"
+        read: Callable[[Image], Reading] = reader.read
+        on_cancel = None
+        # A timed-out thread cannot be killed, so a cancellable reader gets a cancellation
+        # request, stops its model run and frees its thread for the next read.
+        if reader.kind == "thread" and reader.cancellable:
+            cancellation = Cancellation()
+            read = functools.partial(reader.read, cancellation=cancellation)
+            on_cancel = cancellation.cancel
+        return await self._group.go(
+            read,
+            crop,
+            kind=reader.kind,
+            name=name,
+            timeout=self._options.op_timeout,
+            on_cancel=on_cancel,
+        )
 
     async def aclose(self) -> None:
         """Stop the reader workers and the detector thread, then release the models."""
@@ -454,6 +591,13 @@ class Pipeline:
         for reader in readers.values():
             reader.close()
         self._detector.close()
+
+
+def _drop_unbegun(reading: Iterable[_Reading]) -> None:
+    """Drop the read stages, after the oldest, none of whose reads has had a slot yet."""
+    for stage in list(reading)[1:]:
+        if not stage.turn.began.is_set() and not stage.task.done():
+            stage.drop()
 
 
 async def _next_frame(source: AsyncIterator[Frame]) -> Frame | None:

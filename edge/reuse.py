@@ -9,6 +9,11 @@ A signature is the crop shrunk to ``SIGNATURE_SIDE`` square pixels with area ave
 smooths sensor noise. Two signatures match when fewer than ``changed_share`` of their pixels
 differ by more than ``pixel_tolerance`` grey levels; a changed digit on a label covers more than
 that share of its signature.
+
+Frames overlap: the next frame's regions are looked up while this frame's reads still run. So
+a region is stored when its read starts, as pending, and :meth:`ReuseCache.resolve` fills in
+the reading when the read ends. A lookup that finds a pending entry tells the caller to wait
+for that read rather than read the same pixels again.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ SIGNATURE_SIDE = 64
 Signature = npt.NDArray[np.int16]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class CachedRead:
     """A stored reading with the signature of the pixels it was read from.
 
@@ -35,13 +40,18 @@ class CachedRead:
         class_name: Detector class of the region.
         box: The region's box in the frame it was last seen in.
         signature: Signature of the crop the reading came from.
-        reading: What the reader returned, in crop pixels.
+        reading: What the reader returned, in crop pixels; ``None`` while the read runs.
     """
 
     class_name: str
     box: Box
     signature: Signature
-    reading: Reading
+    reading: Reading | None
+
+    @property
+    def pending(self) -> bool:
+        """Whether the read of this entry has not ended yet."""
+        return self.reading is None
 
 
 def signature(image: Image) -> Signature:
@@ -82,7 +92,10 @@ class ReuseCache:
         self._current: list[CachedRead] = []
 
     def lookup(self, class_name: str, box: Box, crop_signature: Signature) -> CachedRead | None:
-        """Return the previous frame's read of this region if its pixels did not change."""
+        """Return the previous frame's read of this region if its pixels did not change.
+
+        The entry returned may be :attr:`~CachedRead.pending`.
+        """
         for entry in self._previous:
             if entry.class_name != class_name or box_iou(entry.box, box) < self._min_iou:
                 continue
@@ -91,9 +104,25 @@ class ReuseCache:
                 return entry
         return None
 
-    def store(self, class_name: str, box: Box, crop_signature: Signature, reading: Reading) -> None:
-        """Remember a reading (in crop pixels) of this frame for the next one."""
-        self._current.append(CachedRead(class_name, box, crop_signature, reading))
+    def store(
+        self, class_name: str, box: Box, crop_signature: Signature, reading: Reading | None
+    ) -> CachedRead:
+        """Remember a reading (in crop pixels) of this frame for the next one.
+
+        Pass ``None`` for a read that has not ended, then :meth:`resolve` the entry returned.
+        """
+        entry = CachedRead(class_name, box, crop_signature, reading)
+        self._current.append(entry)
+        return entry
+
+    def resolve(self, entry: CachedRead, reading: Reading | None) -> None:
+        """Fill in a pending entry, or drop it when its read gave no reading."""
+        if reading is not None:
+            entry.reading = reading
+            return
+        for entries in (self._previous, self._current):
+            if any(e is entry for e in entries):
+                entries[:] = [e for e in entries if e is not entry]
 
     def next_frame(self) -> None:
         """Make this frame's readings the ones the next frame is compared with."""

@@ -7,6 +7,7 @@ check the pipeline's own logic; the real detector runs in test_end_to_end.py.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -178,6 +179,49 @@ async def test_pipeline_slow_reader_times_out_and_next_frame_flows() -> None:
     assert first.regions[0].status is RegionStatus.TIMEOUT
     assert first_seconds < 1.2
     assert second.regions[0].status is RegionStatus.EMPTY
+
+
+class BlockingReader(Reader):
+    """A cancellable thread reader that blocks until its read is cancelled."""
+
+    name = "blocking"
+    kind = "thread"
+    cancellable = True
+
+    def __init__(self) -> None:
+        self.cancelled = 0
+
+    def read(self, image: Image, cancellation: Cancellation | None = None) -> Reading:
+        assert cancellation is not None
+        stopped = threading.Event()
+        with cancellation.registered(stopped.set):
+            if not stopped.wait(30):
+                return Reading()
+        self.cancelled += 1
+        cancellation.raise_if_cancelled()
+        return Reading()
+
+
+async def test_pipeline_frame_deadline_ends_frame() -> None:
+    """At the frame deadline, running reads time out and queued reads are not started."""
+    scene = _scene(15, labels=(3, 3), codes=(0, 0))
+    reader = BlockingReader()
+    options = PipelineOptions(
+        concurrency=2, op_timeout=30.0, frame_deadline=0.3, full_frame_codes="never"
+    )
+    pipeline = Pipeline(OracleDetector(_regions(scene)), {"text": reader}, options=options)
+    try:
+        started = time.perf_counter()
+        first = await pipeline.process(_frame(scene, 0))
+        seconds = time.perf_counter() - started
+    finally:
+        await pipeline.aclose()
+    errors = sorted(r.error or "" for r in first.regions)
+    assert {r.status for r in first.regions} == {RegionStatus.TIMEOUT}
+    assert errors[0] == "not started before the frame deadline"
+    assert all("(frame deadline)" in error for error in errors[1:])
+    assert reader.cancelled == 2
+    assert seconds < 5.0
 
 
 async def test_pipeline_crashing_process_reader_costs_one_region(code_reader: CodeReader) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -36,12 +37,14 @@ class CountingCodeReader(Reader):
     kind = "thread"
     crop_margin = 0.3
 
-    def __init__(self, *, fail: bool = False) -> None:
+    def __init__(self, *, fail: bool = False, seconds: float = 0.0) -> None:
         self.calls = 0
         self.fail = fail
+        self.seconds = seconds
 
     def read(self, image: Image, cancellation: Cancellation | None = None) -> Reading:
         self.calls += 1
+        time.sleep(self.seconds)
         if self.fail:
             msg = "decoder failed"
             raise RuntimeError(msg)
@@ -120,6 +123,39 @@ async def test_reuse_changed_pixels_read_again() -> None:
         await pipeline.aclose()
     assert reader.calls == 2
     assert second.regions[0].reused is False
+
+
+async def test_reuse_waits_for_read_in_flight() -> None:
+    """A frame whose reads begin while the last frame reads the same pixels reuses that read."""
+    scene = _scene(35)
+    reader = CountingCodeReader(seconds=0.3)
+    pipeline = _pipeline(scene, reader)
+    try:
+        first, second = await asyncio.gather(
+            pipeline.process(_frame(scene.image, 0)), pipeline.process(_frame(scene.image, 1))
+        )
+    finally:
+        await pipeline.aclose()
+    assert reader.calls == 1
+    assert second.regions[0].reused is True
+    assert second.regions[0].reading == first.regions[0].reading
+    assert second.regions[0].status is RegionStatus.OK
+
+
+async def test_reuse_in_flight_read_failed() -> None:
+    """When the read a frame waited for fails, the frame reads the region itself."""
+    scene = _scene(37)
+    reader = CountingCodeReader(fail=True, seconds=0.3)
+    pipeline = _pipeline(scene, reader)
+    try:
+        results = await asyncio.gather(
+            pipeline.process(_frame(scene.image, 0)), pipeline.process(_frame(scene.image, 1))
+        )
+    finally:
+        await pipeline.aclose()
+    assert reader.calls == 2
+    assert [r.regions[0].status for r in results] == [RegionStatus.ERROR] * 2
+    assert [r.regions[0].reused for r in results] == [False, False]
 
 
 async def test_reuse_disabled_reads_every_frame() -> None:
@@ -208,3 +244,20 @@ def test_box_iou_values() -> None:
     assert box_iou(Box(0, 0, 10, 10), Box(0, 0, 10, 10)) == 1.0
     assert box_iou(Box(0, 0, 10, 10), Box(20, 20, 10, 10)) == 0.0
     assert abs(box_iou(Box(0, 0, 10, 10), Box(5, 0, 10, 10)) - 1 / 3) < 1e-9
+
+
+def test_reuse_cache_pending_entry() -> None:
+    """A pending entry is found as pending, then holds its reading or is dropped."""
+    image = np.full((40, 40, 3), 128, np.uint8)
+    cache = ReuseCache()
+    read = cache.store("text", Box(0, 0, 40, 40), signature(image), None)
+    failed = cache.store("qr_code", Box(0, 0, 40, 40), signature(image), None)
+    cache.next_frame()
+    found = cache.lookup("text", Box(0, 0, 40, 40), signature(image))
+    assert found is read
+    assert found.pending
+    cache.resolve(read, Reading())
+    cache.resolve(failed, None)
+    assert not read.pending
+    assert cache.lookup("text", Box(0, 0, 40, 40), signature(image)) is read
+    assert cache.lookup("qr_code", Box(0, 0, 40, 40), signature(image)) is None

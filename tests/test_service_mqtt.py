@@ -10,6 +10,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Broker, free_port
@@ -46,6 +47,11 @@ class _StandInPipeline:
     # The real pipeline's driver, over the stand-in's two stages.
     stream = Pipeline.stream
     _take = Pipeline._take
+
+    async def _read(self, detected: DetectedFrame, turn: Any) -> FrameResult:
+        # The stage that stream() starts: the stand-in's read, which takes no slot.
+        turn.began.set()
+        return await self.read(detected)
 
     async def aclose(self) -> None:
         return None
