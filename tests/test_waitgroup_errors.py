@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import weakref
 
 import pytest
 from waitgroup_helpers import Gate, check_invariants, yield_turns
@@ -198,3 +199,30 @@ async def test_handle_reraises_op_error() -> None:
     assert await good == 1
     with pytest.raises(ValueError, match="region 2"):
         await bad
+
+
+class _Crop:
+    """Stands for the data a failed op's traceback keeps alive."""
+
+
+async def _fail_with(crop: _Crop) -> None:
+    await asyncio.sleep(0)
+    raise ValueError("unreadable crop")
+
+
+async def test_open_epoch_frees_taken_errors() -> None:
+    """An epoch that never ends keeps no failed op alive once its result is taken."""
+    wg = WaitGroup(2)
+    wg.add(1)  # holds the epoch open, as overlapping submissions do
+    crop = _Crop()
+    kept = weakref.ref(crop)
+    handle = await wg.go(_fail_with, crop)
+    while not handle.done():
+        await asyncio.sleep(0)
+    results = wg.take_results()
+    assert [result.outcome for result in results] == [Outcome.FAILED]
+    del handle, results, crop
+    gc.collect()
+    assert kept() is None
+    wg.done()
+    await wg.aclose()

@@ -60,6 +60,7 @@ class GroupCore:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: Runner | None = None
         self._ledger = Ledger(options.limit, self._on_epoch_end)
+        self._ledger.keep_epoch_errors = options.raise_on_error or options.on_error == "cancel"
         self._next_index = 0
         self._queued: dict[int, Op[Any]] = {}
         self._admission: str | None = None

@@ -101,6 +101,9 @@ class Ledger:
         # (op index, error) of every FAILED and TIMED_OUT op, kept only when
         # keep_errors is set (a scoped group raising on exit).
         self.keep_errors = False
+        # Whether each epoch keeps its errors for wait() to raise. Without it, an epoch
+        # that never ends (ops submitted before the last one ends) would keep them all.
+        self.keep_epoch_errors = False
         self.errors: list[tuple[int, BaseException]] = []
         self._idle_waiters: list[asyncio.Future[None]] = []
 
@@ -185,7 +188,7 @@ class Ledger:
                 self._abandoned[op.index] = op
             self._outcomes[op.outcome] += 1
             if op.error is not None and op.outcome is not Outcome.REJECTED:
-                if self.epoch is not None:
+                if self.epoch is not None and self.keep_epoch_errors:
                     self.epoch.errors.append((op.index, op.error))
                 if self.keep_errors:
                     self.errors.append((op.index, op.error))
