@@ -217,8 +217,8 @@ async def test_open_epoch_frees_taken_errors() -> None:
     crop = _Crop()
     kept = weakref.ref(crop)
     handle = await wg.go(_fail_with, crop)
-    while not handle.done():
-        await asyncio.sleep(0)
+    with pytest.raises(ValueError, match="unreadable crop"):
+        await handle
     results = wg.take_results()
     assert [result.outcome for result in results] == [Outcome.FAILED]
     del handle, results, crop
