@@ -7,8 +7,8 @@ group serves every frame and bounds the reads of all frames together. A read tha
 ``op_timeout`` costs its own region only, and each frame's reads end at its frame deadline.
 
 A frame goes through two stages, :meth:`Pipeline.detect` and :meth:`Pipeline.read`. Read stages
-start in the order they were called: a frame's reads queue for the group's slots once every
-read of the previous frame has started. So the next frame's reads fill the slots that the
+start in the order they were called: a frame's reads take the group's slots once every
+region read of the previous frame has started. So the next frame's reads fill the slots that the
 previous frame's last reads leave free, and a caller may detect the next frame meanwhile.
 :meth:`Pipeline.stream` drives frames that way.
 """
@@ -130,13 +130,16 @@ class _ReadTurn:
 
     Attributes:
         began: A read of the frame has a slot of the group, or the stage ended.
-        started: Every read of the frame has had a slot or missed the deadline, or the stage
-            ended.
+        started: Every region read of the frame has had a slot or missed the deadline, or
+            the stage ended.
+        settled: The stage submits no more reads: the full-frame decode that follows the
+            region reads is submitted or not needed, or the stage ended.
         ended: The stage ended.
     """
 
     began: asyncio.Event = field(default_factory=asyncio.Event)
     started: asyncio.Event = field(default_factory=asyncio.Event)
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -251,8 +254,9 @@ class Pipeline:
         The next frame is taken from ``frames`` and detected while the current one is read.
         Its reads begin once every read of the current frame has started (see :meth:`read`),
         and the frame after it is taken once the current frame's reads end. So at most two
-        frames are read at once and a third is detected. A result is yielded as soon as its
-        reads end, even while the next frame is still awaited or detected.
+        frames are read at once, and no frame is taken while two are read. A result is
+        yielded as soon as its reads end, even while the next frame is still awaited or
+        detected.
 
         A frame that cannot be converted or detected yields a :class:`FailedFrame` and costs
         itself only. An error raised by ``frames`` propagates after the results in flight.
@@ -368,11 +372,13 @@ class Pipeline:
     async def read(self, detected: DetectedFrame) -> FrameResult:
         """Read every region of a detected frame, after the frames whose reads began before.
 
-        This frame's reads begin once every read of the previous call has started, and
-        queue for the group's slots behind them. The frame deadline counts from that
-        moment, not from the wait for the previous frame, which ``timings_ms["queue"]``
-        reports. A region whose pixels match one that the previous frame is still reading
-        waits for that read and reuses its result, when ``reuse_unchanged`` is on.
+        This frame's reads begin once every region read of the previous call has started.
+        They take free slots of the group at once, and queue for one only behind the
+        previous frame's reads, including its full-frame code decode. The frame deadline
+        counts from that moment, not from the wait for the previous frame, which
+        ``timings_ms["queue"]`` reports. A region whose pixels match one that the previous
+        frame is still reading waits for that read and reuses its result, when
+        ``reuse_unchanged`` is on.
         """
         return await self._read(detected, _ReadTurn())
 
@@ -385,7 +391,7 @@ class Pipeline:
             reading_at = time.perf_counter()
             results = await self._read_all(frame, detected.regions, turn, previous)
         finally:
-            for event in (turn.began, turn.started, turn.ended):
+            for event in (turn.began, turn.started, turn.settled, turn.ended):
                 event.set()
         finished = time.perf_counter()
         # The frame's temporary buffers are freed by now. Without a trim, glibc keeps them and
@@ -418,11 +424,14 @@ class Pipeline:
         turn: _ReadTurn,
         previous: _ReadTurn | None,
     ) -> list[RegionResult]:
-        deadline = asyncio.get_running_loop().time() + self._options.frame_deadline
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._options.frame_deadline
         jobs = [self._job_for(frame, region) for region in regions]
         if previous is not None and any(job.pending is not None for job in jobs):
             # The previous frame's reads of these pixels end before its entries are final.
-            await previous.ended.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await previous.ended.wait()
             jobs = [self._with_reuse(job) if job.pending is not None else job for job in jobs]
         entries = self._remember(jobs)
         policy = self._options.full_frame_codes
@@ -436,18 +445,23 @@ class Pipeline:
         )
         if early_fallback:
             jobs.append(self._full_frame_job(frame))
-        outcomes = await self._run(frame, jobs, deadline, turn)
-        results = _assemble(jobs, outcomes)
-        self._resolve(entries, outcomes)
-        late_fallback = (
+        # A late decode may follow the region reads. The next frame's reads then queue
+        # behind it, so that they cannot hold it back past this frame's deadline.
+        late_possible = (
             not early_fallback
             and self._code_reader is not None
             and policy == "when_none_read"
-            and not any(r.reading.codes for r in results)
+            and has_code_region
         )
-        if late_fallback and asyncio.get_running_loop().time() < deadline:
+        outcomes = await self._run(frame, jobs, deadline, turn, previous, settles=not late_possible)
+        results = _assemble(jobs, outcomes)
+        self._resolve(entries, outcomes)
+        late_fallback = late_possible and not any(r.reading.codes for r in results)
+        if late_fallback and loop.time() < deadline:
             job = self._full_frame_job(frame)
-            results += _assemble([job], await self._run(frame, [job], deadline, turn))
+            outcomes = await self._run(frame, [job], deadline, turn, None, settles=True)
+            results += _assemble([job], outcomes)
+        turn.settled.set()
         return _split_full_frame(results)
 
     def _with_reuse(self, job: _Job) -> _Job:
@@ -511,13 +525,22 @@ class Pipeline:
         return _Job(region, self._code_reader, Origin.FULL_FRAME, frame.image)
 
     async def _run(
-        self, frame: Frame, jobs: Sequence[_Job], deadline: float, turn: _ReadTurn
+        self,
+        frame: Frame,
+        jobs: Sequence[_Job],
+        deadline: float,
+        turn: _ReadTurn,
+        previous: _ReadTurn | None,
+        *,
+        settles: bool,
     ) -> dict[int, OpResult[Reading] | None]:
         """Read the jobs in the group and wait for their outcomes, until ``deadline``.
 
         ``deadline`` is on the event loop's clock. A job not started by then gets ``None``,
-        and a read still running then is cancelled and reported as timed out. ``turn`` is
-        marked started once every job has a slot, so the next frame's reads queue behind.
+        and a read still running then is cancelled and reported as timed out. A job takes a
+        free slot at once, but queues for one only after ``previous`` has settled, so the
+        previous frame's reads go first. ``turn`` is marked started once every job has a
+        slot, and also settled if ``settles`` is set.
         """
         loop = asyncio.get_running_loop()
         handles: dict[int, OpHandle[Reading]] = {}
@@ -533,13 +556,23 @@ class Pipeline:
             try:
                 async with asyncio.timeout_at(deadline):
                     for job in sorted(jobs, key=_estimated_cost, reverse=True):
-                        if job.reader is not None and job.crop is not None and job.reused is None:
-                            handles[id(job)] = await self._go(frame, job.reader, job.crop)
-                            turn.began.set()
+                        if job.reader is None or job.crop is None or job.reused is not None:
+                            continue
+                        if loop.time() >= deadline:
+                            break
+                        handle = self._submit(frame, job.reader, job.crop)
+                        if handle is None:
+                            if previous is not None:
+                                await previous.settled.wait()
+                            handle = await self._submit_queued(frame, job.reader, job.crop)
+                        handles[id(job)] = handle
+                        turn.began.set()
             except TimeoutError:
                 pass
             finally:
                 turn.started.set()
+                if settles:
+                    turn.settled.set()
             if handles:
                 await asyncio.gather(*handles.values(), return_exceptions=True)
         finally:
@@ -561,22 +594,26 @@ class Pipeline:
             outcomes[id(job)] = result
         return outcomes
 
-    async def _go(self, frame: Frame, reader: Reader, crop: Image) -> OpHandle[Reading]:
-        """Submit one read to the group, waiting for a slot."""
-        name = f"edge.read.{reader.name}[{frame.seq}]"
-        read: Callable[[Image], Reading] = reader.read
-        on_cancel = None
-        # A timed-out thread cannot be killed, so a cancellable reader gets a cancellation
-        # request, stops its model run and frees its thread for the next read.
-        if reader.kind == "thread" and reader.cancellable:
-            cancellation = Cancellation()
-            read = functools.partial(reader.read, cancellation=cancellation)
-            on_cancel = cancellation.cancel
+    def _submit(self, frame: Frame, reader: Reader, crop: Image) -> OpHandle[Reading] | None:
+        """Start one read if the group has a free slot and no read queued, else return None."""
+        read, on_cancel = _cancellable(reader)
+        return self._group.try_go(
+            read,
+            crop,
+            kind=reader.kind,
+            name=f"edge.read.{reader.name}[{frame.seq}]",
+            timeout=self._options.op_timeout,
+            on_cancel=on_cancel,
+        )
+
+    async def _submit_queued(self, frame: Frame, reader: Reader, crop: Image) -> OpHandle[Reading]:
+        """Start one read, waiting in the group's queue for a slot."""
+        read, on_cancel = _cancellable(reader)
         return await self._group.go(
             read,
             crop,
             kind=reader.kind,
-            name=name,
+            name=f"edge.read.{reader.name}[{frame.seq}]",
             timeout=self._options.op_timeout,
             on_cancel=on_cancel,
         )
@@ -591,6 +628,16 @@ class Pipeline:
         for reader in readers.values():
             reader.close()
         self._detector.close()
+
+
+def _cancellable(reader: Reader) -> tuple[Callable[[Image], Reading], Callable[[], None] | None]:
+    """Return the reader's read function and what cancels it, if the reader can stop."""
+    # A timed-out thread cannot be killed, so a cancellable reader gets a cancellation
+    # request, stops its model run and frees its thread for the next read.
+    if reader.kind == "thread" and reader.cancellable:
+        cancellation = Cancellation()
+        return functools.partial(reader.read, cancellation=cancellation), cancellation.cancel
+    return reader.read, None
 
 
 def _drop_unbegun(reading: Iterable[_Reading]) -> None:

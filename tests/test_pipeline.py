@@ -6,6 +6,7 @@ check the pipeline's own logic; the real detector runs in test_end_to_end.py.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -17,7 +18,7 @@ import pytest
 
 from edge.pipeline import Pipeline, PipelineOptions
 from edge.readers.base import Cancellation, Reader
-from edge.readers.codes import CodeReader
+from edge.readers.codes import CodeReader, decode_codes
 from edge.readers.text import TextReader
 from edge.results import Box, Frame, Image, Origin, Reading, Region, RegionStatus
 from edge.synth import Scene, render_scene
@@ -335,3 +336,103 @@ async def test_pipeline_code_workers_bound_processes(code_reader: CodeReader, wo
     expected = sorted(o.value for o in scene.objects)
     assert sorted(c.text or "" for r in result.regions for c in r.reading.codes) == expected
     assert 1 <= len(pids) <= workers
+
+
+class ShapeDetector:
+    """Returns the regions listed for the frame's height, none for other frames."""
+
+    def __init__(self, regions: dict[int, list[Region]]) -> None:
+        self.regions = regions
+
+    def detect_counted(self, image: Image) -> tuple[list[Region], int]:
+        return list(self.regions.get(image.shape[0], [])), 0
+
+    def close(self) -> None:
+        pass
+
+
+class ThreadCodeReader(Reader):
+    """Decodes codes with zbar on a thread, so that no worker process has to start."""
+
+    name = "codes"
+    kind = "thread"
+
+    def read(self, image: Image, cancellation: Cancellation | None = None) -> Reading:
+        return decode_codes(image)
+
+
+async def test_pipeline_late_decode_before_next_frame() -> None:
+    """A frame's full-frame decode goes ahead of the next frame's queued reads."""
+    scene = _scene(17, labels=(0, 0), codes=(1, 1))
+    height, width = scene.image.shape[:2]
+    code_box = _regions(scene)[0].box
+    # The code region misses the code, so only the full-frame decode that follows finds it.
+    corner = code_box.x > 60 or code_box.y > 60
+    empty_box = Box(0, 0, 40, 40) if corner else Box(width - 40, height - 40, 40, 40)
+    blank = np.full((120, 160, 3), 255, np.uint8)
+    text_boxes = [Box(0, 0, 80, 60), Box(80, 60, 80, 60)]
+    detector = ShapeDetector(
+        {
+            height: [Region("qr_code", 0.9, empty_box)],
+            120: [Region("text", 0.9, box) for box in text_boxes],
+        }
+    )
+    options = PipelineOptions(
+        concurrency=2, op_timeout=1.0, frame_deadline=1.0, reuse_unchanged=False
+    )
+    codes = ThreadCodeReader()
+    routes: dict[str, Reader] = {"qr_code": codes, "text": SleepingReader(1.5)}
+    pipeline = Pipeline(detector, routes, code_reader=codes, options=options)
+    try:
+        first, _ = await asyncio.gather(
+            pipeline.process(_frame(scene, 1)),
+            pipeline.process(Frame(seq=2, captured_at=time.time(), image=blank)),
+        )
+    finally:
+        await pipeline.aclose()
+    full_frame = [r for r in first.regions if r.origin is Origin.FULL_FRAME]
+    assert [r.status for r in full_frame] == [RegionStatus.OK]
+    assert [c.text for r in full_frame for c in r.reading.codes] == [scene.objects[0].value]
+
+
+async def test_pipeline_no_reads_after_deadline() -> None:
+    """A frame that waited past its deadline for the previous frame's read starts none."""
+    reader = SlowStopReader(stop_seconds=0.5)
+    image = np.full((120, 160, 3), 200, np.uint8)
+    options = PipelineOptions(
+        concurrency=2, op_timeout=5.0, frame_deadline=1.0, full_frame_codes="never"
+    )
+    detector = OracleDetector([Region("text", 0.9, Box(10, 10, 60, 40))])
+    pipeline = Pipeline(detector, {"text": reader}, options=options)
+    try:
+        first, second = await asyncio.gather(
+            pipeline.process(Frame(seq=0, captured_at=time.time(), image=image)),
+            pipeline.process(Frame(seq=1, captured_at=time.time(), image=image.copy())),
+        )
+    finally:
+        await pipeline.aclose()
+    assert reader.calls == 1
+    assert "(frame deadline)" in (first.regions[0].error or "")
+    assert second.regions[0].error == "not started before the frame deadline"
+
+
+class SlowStopReader(Reader):
+    """A cancellable thread reader that blocks until cancelled, then takes a while to stop."""
+
+    name = "slow-stop"
+    kind = "thread"
+    cancellable = True
+
+    def __init__(self, stop_seconds: float) -> None:
+        self.stop_seconds = stop_seconds
+        self.calls = 0
+
+    def read(self, image: Image, cancellation: Cancellation | None = None) -> Reading:
+        assert cancellation is not None
+        self.calls += 1
+        stopped = threading.Event()
+        with cancellation.registered(stopped.set):
+            stopped.wait(30)
+        time.sleep(self.stop_seconds)
+        cancellation.raise_if_cancelled()
+        return Reading()
