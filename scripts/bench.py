@@ -11,14 +11,19 @@ static scene (one generated frame repeated, as a fixed camera sees most of the t
 real images of ../shared/corpus. For each mode and set it prints frames per second, latency p50
 and p95, CPU seconds per frame (this process and its worker processes), peak resident memory
 while the mode ran, codes decoded and OCR word recall (spaces ignored, see scripts/evaluate.py).
+Before each pass, the pipeline modes read a warm-up frame. For the static scene it is the scene
+itself, which a fixed camera has seen before, so its figures are those of the steady state.
 
-The modes share one process, so their memory figures include the models of the modes that ran
-before. The daemon's own memory is measured apart: for each set, ``edge run`` processes the
-set's frames from files in a child process while its process tree is sampled every 20 ms (peak
-RSS summed over the processes, and peak PSS, which counts shared library pages once).
+The modes take turns on each set, and ``--rounds N`` repeats that N times, adding up the
+passes. So a drift of the machine's speed during the run affects the modes alike.
+The modes share one process, so their memory figures include the models of all modes. The
+daemon's own memory is measured apart: for each set, ``edge run`` processes the set's frames
+from files in a child process while its process tree is sampled every 20 ms (peak RSS summed
+over the processes, and peak PSS, which counts shared library pages once).
 
 Usage: .venv/bin/python scripts/bench.py [--frames N] [--static N] [--corpus-limit N]
-       [--sets NAME,...] [--modes NAME,...] [--plot FILE] [--json FILE] [--no-daemon-memory]
+       [--sets NAME,...] [--modes NAME,...] [--rounds N] [--plot FILE] [--json FILE]
+       [--no-daemon-memory]
 """
 
 from __future__ import annotations
@@ -78,6 +83,17 @@ class Figures:
     codes_read: int = 0
     words_expected: int = 0
     words_read: int = 0
+
+    def add(self, other: Figures) -> None:
+        """Add the figures of another pass over the same frames to these."""
+        self.latencies += other.latencies
+        self.wall += other.wall
+        self.cpu += other.cpu
+        self.peak_rss = max(self.peak_rss, other.peak_rss)
+        self.codes_expected += other.codes_expected
+        self.codes_read += other.codes_read
+        self.words_expected += other.words_expected
+        self.words_read += other.words_read
 
     def row(self) -> dict[str, float]:
         n = len(self.latencies) or 1
@@ -196,8 +212,9 @@ def naive_reader() -> Callable[[np.ndarray], tuple[list[str], list[str]]]:
     return read
 
 
-def run_naive(samples: list[Sample], bar: tqdm) -> Figures:
-    read = naive_reader()
+def run_naive(
+    read: Callable[[np.ndarray], tuple[list[str], list[str]]], samples: list[Sample], bar: tqdm
+) -> Figures:
     read(samples[0].image)  # warm-up
     figures = Figures()
     with RssSampler() as rss:
@@ -214,14 +231,18 @@ def run_naive(samples: list[Sample], bar: tqdm) -> Figures:
 
 
 async def run_pipeline(
-    pipeline: Pipeline, samples: list[Sample], bar: tqdm, *, overlap: bool
+    pipeline: Pipeline, samples: list[Sample], bar: tqdm, *, overlap: bool, seen: bool
 ) -> Figures:
     """Run the frames through the pipeline, as ``edge run`` drives it when ``overlap`` is set.
 
     With ``overlap``, each frame is detected while the previous frame's reads run. Without,
-    one frame is detected and read before the next one starts.
+    one frame is detected and read before the next one starts. With ``seen``, the warm-up
+    reads the first frame, as a fixed camera has seen its scene before.
     """
-    await pipeline.process(Frame(0, time.time(), samples[0].image, "warm-up"))
+    # The warm-up frame of changing scenes is upside down: the first frame itself would leave
+    # readings that pipeline.reuse_unchanged hands to the first measured frame unread.
+    warm_up = samples[0].image if seen else np.ascontiguousarray(samples[0].image[::-1])
+    await pipeline.process(Frame(0, time.time(), warm_up, "warm-up"))
     figures = Figures()
 
     def record(result: FrameResult) -> None:
@@ -350,39 +371,49 @@ def frame_sets(args: argparse.Namespace) -> dict[str, list[Sample]]:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
+    from dataclasses import replace
+
     import cv2
 
     sets = frame_sets(args)
     modes = args.modes.split(",")
-    total = sum(len(s) for s in sets.values()) * len(modes)
-    table: dict[str, dict[str, dict[str, float]]] = {}
+    total = sum(len(s) for s in sets.values()) * len(modes) * args.rounds
     config = load_config(args.config)
+    naive = naive_reader() if "naive" in modes else None
+    pipelines: dict[str, Pipeline] = {}
+    if "sequential" in modes:
+        sequential = replace(config, pipeline=replace(config.pipeline, concurrency=1))
+        pipelines["sequential"] = await asyncio.to_thread(build_pipeline, sequential)
+    if "pipeline" in modes:
+        pipelines["pipeline"] = await asyncio.to_thread(build_pipeline, config)
+    figures = {name: {mode: Figures() for mode in modes} for name in sets}
+    table: dict[str, dict[str, dict[str, float]]] = {}
     with tqdm(total=total, unit="frame", file=sys.stderr) as bar:
-        for mode in modes:
-            if mode == "naive":
-                # -1 restores OpenCV's default, which a user running rapidocr would have.
-                cv2.setNumThreads(-1)
-            else:
-                # One OpenCV thread, as `edge run` sets at start.
-                use_one_opencv_thread()
-                pipeline_config = config
-                if mode == "sequential":
-                    from dataclasses import replace
-
-                    pipeline_config = replace(
-                        config, pipeline=replace(config.pipeline, concurrency=1)
-                    )
-                pipeline = await asyncio.to_thread(build_pipeline, pipeline_config)
+        # The modes take turns on each set, so that a change of the machine's speed during
+        # the run affects all of them alike.
+        for round_number in range(1, args.rounds + 1):
             for name, samples in sets.items():
-                bar.set_description(f"{mode} {name}")
-                if mode == "naive":
-                    figures = await asyncio.to_thread(run_naive, samples, bar)
-                else:
-                    overlap = mode == "pipeline"
-                    figures = await run_pipeline(pipeline, samples, bar, overlap=overlap)
-                table.setdefault(name, {})[mode] = figures.row()
-            if mode != "naive":
-                await pipeline.aclose()
+                for mode in modes:
+                    bar.set_description(f"round {round_number}: {mode} {name}")
+                    if naive is not None and mode == "naive":
+                        # -1 restores OpenCV's default, which a user of rapidocr would have.
+                        cv2.setNumThreads(-1)
+                        passed = await asyncio.to_thread(run_naive, naive, samples, bar)
+                    else:
+                        # One OpenCV thread, as `edge run` sets at start.
+                        use_one_opencv_thread()
+                        passed = await run_pipeline(
+                            pipelines[mode],
+                            samples,
+                            bar,
+                            overlap=mode == "pipeline",
+                            seen=name == "static",
+                        )
+                    figures[name][mode].add(passed)
+        for pipeline in pipelines.values():
+            await pipeline.aclose()
+        for name, by_mode in figures.items():
+            table[name] = {mode: f.row() for mode, f in by_mode.items()}
         if args.daemon_memory:
             for name, samples in sets.items():
                 bar.set_description(f"daemon memory {name}")
@@ -444,6 +475,9 @@ def main() -> int:
     parser.add_argument("--corpus-limit", type=int, help="only the first N corpus images")
     parser.add_argument("--sets", default="720p,1080p,static,corpus")
     parser.add_argument("--modes", default="naive,sequential,pipeline")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="passes over each set, the modes taking turns"
+    )
     parser.add_argument("--config", type=Path, help="daemon configuration for the pipeline")
     parser.add_argument("--plot", type=Path, default=Path("bench.png"))
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
