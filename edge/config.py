@@ -156,10 +156,11 @@ class PipelineConfig:
             Values above ``concurrency`` act as ``concurrency``, since workers start when a
             read needs one.
             Each one takes about 45 to 60 MB, and up to about 100 MB while it decodes a
-            large frame. Code reads wait for a free worker, and their timeout starts when they
-            get one. With frames detected while the previous frame is read, two workers gave
-            4 to 11% more frames per second on the real-image corpus, about 3% at 1080p and
-            none at 720p (2-core x86-64), so one is the default, within the memory budget.
+            large frame. Code reads wait for a free worker without holding one of the
+            ``concurrency`` read slots, so text reads go on meanwhile, and their timeout
+            starts when they get a worker and a slot. Two workers gave 19% more frames per
+            second on the real-image corpus (2-core x86-64), but took the daemon's peak
+            there to 435 MB, so one is the default, within the memory budget.
     """
 
     concurrency: int = field(default=2, metadata=_bounds(1, 64))

@@ -39,7 +39,7 @@ import numpy as np
 from edge.errors import ImageError, ModelError
 from edge.images import to_bgr8
 from edge.memory import trim_heap
-from edge.readers.base import Cancellation, Reader
+from edge.readers.base import Cancellation, OpKind, Reader
 from edge.results import (
     Box,
     Code,
@@ -54,7 +54,7 @@ from edge.results import (
     TextLine,
 )
 from edge.reuse import CachedRead, ReuseCache, Signature, signature
-from edge.waitgroup import OpHandle, OpResult, Outcome, WaitGroup
+from edge.waitgroup import Limiter, OpHandle, OpResult, Outcome, WaitGroup
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +174,37 @@ class _Reading:
         return await self.task
 
 
+class _WorkerSlots:
+    """Slot limiter of reads in worker processes: a worker first, then a shared read slot."""
+
+    def __init__(self, workers: Limiter, shared: Limiter) -> None:
+        self._workers = workers
+        self._shared = shared
+
+    async def acquire(self) -> None:
+        """Wait for a free worker, then for a shared slot, and take both."""
+        await self._workers.acquire()
+        try:
+            await self._shared.acquire()
+        except BaseException:
+            self._workers.release()
+            raise
+
+    def acquire_nowait(self) -> bool:
+        """Take a worker and a shared slot if both are free with no caller waiting."""
+        if not self._workers.acquire_nowait():
+            return False
+        if not self._shared.acquire_nowait():
+            self._workers.release()
+            return False
+        return True
+
+    def release(self) -> None:
+        """Return the shared slot and the worker."""
+        self._shared.release()
+        self._workers.release()
+
+
 @dataclass(frozen=True, eq=False)
 class _Job:
     """One region to read: the crop a reader gets and where it sits in the frame."""
@@ -221,11 +252,18 @@ class Pipeline:
             max_workers=1, thread_name_prefix="edge-trim"
         )
         self._trim: concurrent.futures.Future[bool] | None = None
+        # Reads in worker processes have a group of their own, so that a read waiting for a
+        # busy worker takes none of the slots that all reads share.
+        slots = Limiter(self._options.concurrency)
+        workers = min(self._options.code_workers or self._options.concurrency, slots.total)
         self._group = WaitGroup(
-            limit=self._options.concurrency,
+            limiter=slots, op_timeout=self._options.op_timeout, name="edge.readers"
+        )
+        self._process_group = WaitGroup(
+            limiter=_WorkerSlots(Limiter(workers), slots),
             op_timeout=self._options.op_timeout,
-            process_workers=self._options.code_workers or None,
-            name="edge.readers",
+            process_workers=workers,
+            name="edge.decoders",
         )
         self._reuse = ReuseCache() if self._options.reuse_unchanged else None
         # Read stages share the group and the reuse cache, so each one begins once the
@@ -234,8 +272,13 @@ class Pipeline:
 
     @property
     def group(self) -> WaitGroup:
-        """The WaitGroup that runs region reads (for statistics)."""
+        """The WaitGroup that runs region reads on threads (for statistics)."""
         return self._group
+
+    @property
+    def decoders(self) -> WaitGroup:
+        """The WaitGroup that runs region reads in worker processes (for statistics)."""
+        return self._process_group
 
     async def process(self, frame: Frame) -> FrameResult:
         """Detect and read every region of one frame: :meth:`detect`, then :meth:`read`.
@@ -555,6 +598,7 @@ class Pipeline:
         try:
             try:
                 async with asyncio.timeout_at(deadline):
+                    waiting: dict[OpKind, list[_Job]] = {}
                     for job in sorted(jobs, key=_estimated_cost, reverse=True):
                         if job.reader is None or job.crop is None or job.reused is not None:
                             continue
@@ -562,11 +606,17 @@ class Pipeline:
                             break
                         handle = self._submit(frame, job.reader, job.crop)
                         if handle is None:
-                            if previous is not None:
-                                await previous.settled.wait()
-                            handle = await self._submit_queued(frame, job.reader, job.crop)
-                        handles[id(job)] = handle
-                        turn.began.set()
+                            waiting.setdefault(job.reader.kind, []).append(job)
+                        else:
+                            handles[id(job)] = handle
+                            turn.began.set()
+                    if waiting and previous is not None:
+                        await previous.settled.wait()
+                    # Each group has a queue of its own, so code reads waiting for a code
+                    # worker do not hold back the text reads behind them.
+                    await asyncio.gather(
+                        *(self._queue(frame, queued, handles, turn) for queued in waiting.values())
+                    )
             except TimeoutError:
                 pass
             finally:
@@ -581,6 +631,7 @@ class Pipeline:
             for handle in handles.values():
                 handle.cancel("frame read cancelled")
         self._group.take_results()
+        self._process_group.take_results()
         outcomes: dict[int, OpResult[Reading] | None] = {}
         for job in jobs:
             started = handles.get(id(job))
@@ -594,10 +645,25 @@ class Pipeline:
             outcomes[id(job)] = result
         return outcomes
 
+    async def _queue(
+        self,
+        frame: Frame,
+        jobs: Sequence[_Job],
+        handles: dict[int, OpHandle[Reading]],
+        turn: _ReadTurn,
+    ) -> None:
+        """Start jobs one after the other, each waiting in its group's queue for a slot."""
+        for job in jobs:
+            assert job.reader is not None
+            assert job.crop is not None
+            handles[id(job)] = await self._submit_queued(frame, job.reader, job.crop)
+            turn.began.set()
+
     def _submit(self, frame: Frame, reader: Reader, crop: Image) -> OpHandle[Reading] | None:
         """Start one read if the group has a free slot and no read queued, else return None."""
         read, on_cancel = _cancellable(reader)
-        return self._group.try_go(
+        group = self._process_group if reader.kind == "process" else self._group
+        return group.try_go(
             read,
             crop,
             kind=reader.kind,
@@ -609,7 +675,8 @@ class Pipeline:
     async def _submit_queued(self, frame: Frame, reader: Reader, crop: Image) -> OpHandle[Reading]:
         """Start one read, waiting in the group's queue for a slot."""
         read, on_cancel = _cancellable(reader)
-        return await self._group.go(
+        group = self._process_group if reader.kind == "process" else self._group
+        return await group.go(
             read,
             crop,
             kind=reader.kind,
@@ -621,6 +688,7 @@ class Pipeline:
     async def aclose(self) -> None:
         """Stop the reader workers and the detector thread, then release the models."""
         await self._group.aclose()
+        await self._process_group.aclose()
         # A running detection blocks the shutdown until it ends, so wait off the event loop.
         await asyncio.to_thread(self._detect_executor.shutdown, wait=True, cancel_futures=True)
         await asyncio.to_thread(self._trim_executor.shutdown, wait=True, cancel_futures=True)

@@ -101,7 +101,7 @@ async def test_faulty_worker_costs_one_region_each() -> None:
     assert good.status is RegionStatus.OK
     assert [c.text for c in good.reading.codes] == [payload]
     assert second.regions[0].status is RegionStatus.OK
-    stats = pipeline.group.stats()
+    stats = pipeline.decoders.stats()
     assert stats.running == 0
 
 

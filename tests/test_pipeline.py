@@ -20,7 +20,7 @@ from edge.pipeline import Pipeline, PipelineOptions
 from edge.readers.base import Cancellation, Reader
 from edge.readers.codes import CodeReader, decode_codes
 from edge.readers.text import TextReader
-from edge.results import Box, Frame, Image, Origin, Reading, Region, RegionStatus
+from edge.results import Box, Frame, Image, Origin, Reading, Region, RegionStatus, TextLine
 from edge.synth import Scene, render_scene
 
 
@@ -329,7 +329,7 @@ async def test_pipeline_code_workers_bound_processes(code_reader: CodeReader, wo
     pipeline = Pipeline(OracleDetector(regions), routes, options=options)
     try:
         result = await pipeline.process(_frame(scene))
-        pids = pipeline.group.worker_pids()
+        pids = pipeline.decoders.worker_pids()
     finally:
         await pipeline.aclose()
 
@@ -370,6 +370,7 @@ async def test_pipeline_late_decode_before_next_frame() -> None:
     corner = code_box.x > 60 or code_box.y > 60
     empty_box = Box(0, 0, 40, 40) if corner else Box(width - 40, height - 40, 40, 40)
     blank = np.full((120, 160, 3), 255, np.uint8)
+
     text_boxes = [Box(0, 0, 80, 60), Box(80, 60, 80, 60)]
     detector = ShapeDetector(
         {
@@ -380,6 +381,7 @@ async def test_pipeline_late_decode_before_next_frame() -> None:
     options = PipelineOptions(
         concurrency=2, op_timeout=1.0, frame_deadline=1.0, reuse_unchanged=False
     )
+
     codes = ThreadCodeReader()
     routes: dict[str, Reader] = {"qr_code": codes, "text": SleepingReader(1.5)}
     pipeline = Pipeline(detector, routes, code_reader=codes, options=options)
@@ -436,3 +438,64 @@ class SlowStopReader(Reader):
         time.sleep(self.stop_seconds)
         cancellation.raise_if_cancelled()
         return Reading()
+
+
+class TimedDecoder(Reader):
+    """A process reader that takes 0.5 s and reports when it ended, on the system clock."""
+
+    name = "timed-codes"
+    kind = "process"
+
+    def read(self, image: Image, cancellation: Cancellation | None = None) -> Reading:
+        time.sleep(0.5)
+        return Reading(lines=(TextLine(str(time.monotonic()), 1.0),))
+
+
+class TimedReader(Reader):
+    """A thread reader that reports when it started, on the system clock."""
+
+    name = "timed-text"
+    kind = "thread"
+
+    def read(self, image: Image, cancellation: Cancellation | None = None) -> Reading:
+        return Reading(lines=(TextLine(str(time.monotonic()), 1.0),))
+
+
+def _timed_pipeline(concurrency: int) -> Pipeline:
+    """Two code regions read by a 0.5 s decoder in one worker, and a small text region."""
+    regions = [
+        Region("qr_code", 0.9, Box(0, 0, 100, 100)),
+        Region("barcode", 0.9, Box(100, 0, 100, 100)),
+        Region("text", 0.9, Box(0, 100, 20, 10)),
+    ]
+    decoder = TimedDecoder()
+    routes: dict[str, Reader] = {"qr_code": decoder, "barcode": decoder, "text": TimedReader()}
+    options = PipelineOptions(
+        concurrency=concurrency, code_workers=1, full_frame_codes="never", reuse_unchanged=False
+    )
+    return Pipeline(OracleDetector(regions), routes, options=options)
+
+
+async def _read_times(pipeline: Pipeline) -> dict[str, float]:
+    """Read one frame after a warm-up that starts the worker; return each region's time."""
+    image = np.full((120, 200, 3), 255, np.uint8)
+    try:
+        await pipeline.process(Frame(seq=0, captured_at=time.time(), image=image))
+        result = await pipeline.process(Frame(seq=1, captured_at=time.time(), image=image))
+    finally:
+        await pipeline.aclose()
+    return {r.region.class_name: float(r.reading.lines[0].text) for r in result.regions}
+
+
+async def test_pipeline_text_read_beside_waiting_codes() -> None:
+    """Code reads waiting for the one code worker leave the read slots to text reads."""
+    times = await _read_times(_timed_pipeline(concurrency=2))
+    # The larger code crops are submitted first: the first decode ends 0.5 s in.
+    assert times["text"] < min(times["qr_code"], times["barcode"])
+
+
+async def test_pipeline_one_slot_bounds_all_reads() -> None:
+    """With one read slot, a text read waits for the code read that has it."""
+    times = await _read_times(_timed_pipeline(concurrency=1))
+    assert times["text"] > min(times["qr_code"], times["barcode"])
+    assert times["text"] < max(times["qr_code"], times["barcode"])
