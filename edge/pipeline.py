@@ -133,7 +133,7 @@ class _ReadTurn:
         started: Every region read of the frame has had a slot or missed the deadline, or
             the stage ended.
         settled: The stage submits no more reads: the full-frame decode that follows the
-            region reads is submitted or not needed, or the stage ended.
+            code region reads is submitted or not needed, or the stage ended.
         ended: The stage ended.
     """
 
@@ -257,7 +257,10 @@ class Pipeline:
         slots = Limiter(self._options.concurrency)
         workers = min(self._options.code_workers or self._options.concurrency, slots.total)
         self._group = WaitGroup(
-            limiter=slots, op_timeout=self._options.op_timeout, name="edge.readers"
+            limiter=slots,
+            op_timeout=self._options.op_timeout,
+            thread_workers=self._options.concurrency,
+            name="edge.readers",
         )
         self._process_group = WaitGroup(
             limiter=_WorkerSlots(Limiter(workers), slots),
@@ -488,24 +491,21 @@ class Pipeline:
         )
         if early_fallback:
             jobs.append(self._full_frame_job(frame))
-        # A late decode may follow the region reads. The next frame's reads then queue
-        # behind it, so that they cannot hold it back past this frame's deadline.
-        late_possible = (
+        # A full-frame decode follows the code region reads when none of them finds a code.
+        code_jobs = [job for job in jobs if job.region.class_name in code_classes]
+        late = None
+        if (
             not early_fallback
-            and self._code_reader is not None
             and policy == "when_none_read"
             and has_code_region
-        )
-        outcomes = await self._run(frame, jobs, deadline, turn, previous, settles=not late_possible)
-        results = _assemble(jobs, outcomes)
+            and not any(job.reused is not None and job.reused.codes for job in code_jobs)
+        ):
+            late = (self._full_frame_job(frame), code_jobs)
+        outcomes = await self._run(frame, jobs, deadline, turn, previous, late=late)
+        if late is not None and id(late[0]) in outcomes:
+            jobs.append(late[0])
         self._resolve(entries, outcomes)
-        late_fallback = late_possible and not any(r.reading.codes for r in results)
-        if late_fallback and loop.time() < deadline:
-            job = self._full_frame_job(frame)
-            outcomes = await self._run(frame, [job], deadline, turn, None, settles=True)
-            results += _assemble([job], outcomes)
-        turn.settled.set()
-        return _split_full_frame(results)
+        return _split_full_frame(_assemble(jobs, outcomes))
 
     def _with_reuse(self, job: _Job) -> _Job:
         """Attach the crop's signature and, if its pixels did not change, the old reading.
@@ -575,7 +575,7 @@ class Pipeline:
         turn: _ReadTurn,
         previous: _ReadTurn | None,
         *,
-        settles: bool,
+        late: tuple[_Job, Sequence[_Job]] | None = None,
     ) -> dict[int, OpResult[Reading] | None]:
         """Read the jobs in the group and wait for their outcomes, until ``deadline``.
 
@@ -583,7 +583,10 @@ class Pipeline:
         and a read still running then is cancelled and reported as timed out. A job takes a
         free slot at once, but queues for one only after ``previous`` has settled, so the
         previous frame's reads go first. ``turn`` is marked started once every job has a
-        slot, and also settled if ``settles`` is set.
+        slot, and settled once the frame submits no more reads.
+
+        ``late`` is a job to read once the jobs it comes with have ended, if none of them
+        found a code. Its outcome is returned only if it was read.
         """
         loop = asyncio.get_running_loop()
         handles: dict[int, OpHandle[Reading]] = {}
@@ -614,15 +617,23 @@ class Pipeline:
                         await previous.settled.wait()
                     # Each group has a queue of its own, so code reads waiting for a code
                     # worker do not hold back the text reads behind them.
-                    await asyncio.gather(
-                        *(self._queue(frame, queued, handles, turn) for queued in waiting.values())
-                    )
+                    queues = [
+                        asyncio.ensure_future(self._queue(frame, queued, handles, turn))
+                        for queued in waiting.values()
+                    ]
+                    try:
+                        await asyncio.gather(*queues)
+                    finally:
+                        # One queue failed (its group was closed): stop the other one too.
+                        for queue in queues:
+                            queue.cancel()
             except TimeoutError:
                 pass
             finally:
                 turn.started.set()
-                if settles:
-                    turn.settled.set()
+            if late is not None:
+                await self._read_late(frame, late, deadline, handles)
+            turn.settled.set()
             if handles:
                 await asyncio.gather(*handles.values(), return_exceptions=True)
         finally:
@@ -633,7 +644,8 @@ class Pipeline:
         self._group.take_results()
         self._process_group.take_results()
         outcomes: dict[int, OpResult[Reading] | None] = {}
-        for job in jobs:
+        late_read = [late[0]] if late is not None and id(late[0]) in handles else []
+        for job in [*jobs, *late_read]:
             started = handles.get(id(job))
             if started is None:
                 if job.reader is not None and job.crop is not None and job.reused is None:
@@ -644,6 +656,30 @@ class Pipeline:
                 result = replace(result, outcome=Outcome.TIMED_OUT, reason="deadline")
             outcomes[id(job)] = result
         return outcomes
+
+    async def _read_late(
+        self,
+        frame: Frame,
+        late: tuple[_Job, Sequence[_Job]],
+        deadline: float,
+        handles: dict[int, OpHandle[Reading]],
+    ) -> None:
+        """Start the late job unless one of the jobs it waits for found a code."""
+        job, waited = late
+        assert job.reader is not None
+        assert job.crop is not None
+        waiting = [handles[id(w)] for w in waited if id(w) in handles]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                await asyncio.gather(*waiting, return_exceptions=True)
+                for done in waiting:
+                    result = done.result
+                    if result is not None and result.value is not None and result.value.codes:
+                        return
+                started = self._submit(frame, job.reader, job.crop)
+                if started is None:
+                    started = await self._submit_queued(frame, job.reader, job.crop)
+                handles[id(job)] = started
 
     async def _queue(
         self,
@@ -687,8 +723,12 @@ class Pipeline:
 
     async def aclose(self) -> None:
         """Stop the reader workers and the detector thread, then release the models."""
-        await self._group.aclose()
-        await self._process_group.aclose()
+        try:
+            await self._group.aclose()
+        finally:
+            # Closed even when the wait for the thread reads is cancelled, so that no worker
+            # process is left running.
+            await self._process_group.aclose()
         # A running detection blocks the shutdown until it ends, so wait off the event loop.
         await asyncio.to_thread(self._detect_executor.shutdown, wait=True, cancel_futures=True)
         await asyncio.to_thread(self._trim_executor.shutdown, wait=True, cancel_futures=True)

@@ -499,3 +499,74 @@ async def test_pipeline_one_slot_bounds_all_reads() -> None:
     times = await _read_times(_timed_pipeline(concurrency=1))
     assert times["text"] > min(times["qr_code"], times["barcode"])
     assert times["text"] < max(times["qr_code"], times["barcode"])
+
+
+class WidthSleepingReader(Reader):
+    """A thread reader that sleeps 1.2 s on crops wider than 100 pixels and 0.3 s on others."""
+
+    name = "sleepy-width"
+    kind = "thread"
+
+    def read(self, image: Image, cancellation: Cancellation | None = None) -> Reading:
+        time.sleep(1.2 if image.shape[1] > 100 else 0.3)
+        return Reading()
+
+
+async def test_pipeline_code_read_settles_frame() -> None:
+    """Once a frame's code read found a code, the next frame's reads queue beside its text read."""
+    scene = _scene(19, labels=(0, 0), codes=(1, 1))
+    height = scene.image.shape[0]
+    code_region = _regions(scene)[0]
+    blank = np.full((120, 160, 3), 255, np.uint8)
+    narrow = [Box(0, 0, 50, 60), Box(60, 0, 50, 60)]
+    detector = ShapeDetector(
+        {
+            height: [code_region, Region("text", 0.9, Box(0, 0, 200, 60))],
+            120: [Region("text", 0.9, box) for box in narrow],
+        }
+    )
+    options = PipelineOptions(
+        concurrency=2, op_timeout=1.5, frame_deadline=1.5, reuse_unchanged=False
+    )
+    codes = ThreadCodeReader()
+    routes: dict[str, Reader] = {code_region.class_name: codes, "text": WidthSleepingReader()}
+    pipeline = Pipeline(detector, routes, code_reader=codes, options=options)
+    try:
+        first, second = await asyncio.gather(
+            pipeline.process(_frame(scene, 1)),
+            pipeline.process(Frame(seq=2, captured_at=time.time(), image=blank)),
+        )
+    finally:
+        await pipeline.aclose()
+    assert [c.text for r in first.regions for c in r.reading.codes] == [scene.objects[0].value]
+    assert [r.status for r in second.regions] == [RegionStatus.EMPTY] * 2
+
+
+async def test_pipeline_threads_match_concurrency() -> None:
+    """Eight read slots run eight thread reads at once, more than the default thread pool."""
+    regions = [Region("text", 0.9, Box(10 * i, 0, 10, 10)) for i in range(8)]
+    reader = StartTimesReader()
+    options = PipelineOptions(concurrency=8, full_frame_codes="never", reuse_unchanged=False)
+    pipeline = Pipeline(OracleDetector(regions), {"text": reader}, options=options)
+    image = np.full((20, 100, 3), 255, np.uint8)
+    try:
+        await pipeline.process(Frame(seq=0, captured_at=time.time(), image=image))
+    finally:
+        await pipeline.aclose()
+    assert len(reader.starts) == 8
+    assert max(reader.starts) - min(reader.starts) < 0.3
+
+
+class StartTimesReader(Reader):
+    """A thread reader that records when each read started, then sleeps 0.3 s."""
+
+    name = "start-times"
+    kind = "thread"
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+
+    def read(self, image: Image, cancellation: Cancellation | None = None) -> Reading:
+        self.starts.append(time.monotonic())
+        time.sleep(0.3)
+        return Reading()
