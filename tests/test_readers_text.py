@@ -369,21 +369,86 @@ def test_text_reader_upscales_blurred_label(
     assert text_without_retry == "", "the default detector's box no longer needs the retry"
 
 
-@pytest.mark.parametrize(("size", "detections"), [((400, 300), 2), ((700, 500), 1)])
+@pytest.mark.parametrize(("size", "detections"), [((400, 300), 3), ((700, 500), 1)])
 def test_text_reader_retry_pixel_limit(
     reader: TextReader,
     detector_inputs: list[tuple[int, ...]],
     size: tuple[int, int],
     detections: int,
 ) -> None:
-    """A blank crop is detected again at twice its size only if that fits the pixel limit."""
+    """A blank crop is detected again at twice its size only if that fits the pixel limit.
+
+    The 400 x 300 crop is first detected downscaled, which finds nothing either. The
+    700 x 500 crop is over the pixel count for that.
+    """
     blank = np.full((size[1], size[0], 3), 255, dtype=np.uint8)
 
     assert reader.read(blank).lines == ()
 
     assert len(detector_inputs) == detections
-    if detections == 2:
-        assert detector_inputs[1][2] > 1.9 * detector_inputs[0][2]
+    if detections == 3:
+        assert detector_inputs[1][2] > 1.5 * detector_inputs[0][2]
+        assert detector_inputs[2][2] > 1.9 * detector_inputs[1][2]
+
+
+def test_text_reader_large_print_detected_once(
+    reader: TextReader, detector_inputs: list[tuple[int, ...]]
+) -> None:
+    """Large print is detected once, downscaled, and every line is read."""
+    image = render_text(LABEL_LINES, (480, 220), font_size=30, line_step=56)
+
+    reading = reader.read(image)
+
+    assert [squeeze(line.text) for line in reading.lines] == [squeeze(x) for x in LABEL_LINES]
+    assert len(detector_inputs) == 1
+    # The 16-pixel margin and rounding to multiples of 32 may add up to 35 pixels per side.
+    height, width = detector_inputs[0][2:]
+    assert height <= 0.6 * (220 + 32) + 16
+    assert width <= 0.6 * (480 + 32) + 16
+    first = reading.lines[0].box
+    assert first is not None
+    assert abs(first.x - 12) <= 8
+    assert abs(first.y - 12) <= 8
+
+
+def test_text_reader_small_print_detected_at_full_size(
+    reader: TextReader, detector_inputs: list[tuple[int, ...]]
+) -> None:
+    """Print too small for the downscaled detection is detected again at full size."""
+    image = render_text(LABEL_LINES, (300, 120), font_size=12, line_step=24)
+
+    reading = reader.read(image)
+
+    assert [squeeze(line.text) for line in reading.lines] == [squeeze(x) for x in LABEL_LINES]
+    assert len(detector_inputs) == 2
+    assert detector_inputs[1][2] > detector_inputs[0][2]
+    assert detector_inputs[1][3] > detector_inputs[0][3]
+
+
+@pytest.mark.parametrize("boxes", ["lone box over two lines", "one box twice as tall"])
+def test_coarse_detection_rejects_run_together_lines(
+    reader: TextReader, monkeypatch: pytest.MonkeyPatch, boxes: str
+) -> None:
+    """Coarse boxes that may hold two lines run together are not kept."""
+    image = render_text(LABEL_LINES[:2], (480, 120), font_size=30, line_step=44)
+    if boxes == "lone box over two lines":
+        found = [_quad(4, 4, 470, 100)]
+    else:
+        found = [_quad(4, 4, 300, 44), _quad(4, 50, 300, 90), _quad(4, 96, 300, 190)]
+    monkeypatch.setattr(reader, "_detect_part", lambda *_: [box.copy() for box in found])
+
+    assert reader._detect_coarse(image, None) is None
+
+
+def test_line_height_of_tilted_box() -> None:
+    """A line's height is its box's short side, also when the box is turned."""
+    box = _quad(0, 0, 200, 30)
+    turn = np.deg2rad(20)
+    rotation = np.array([[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]])
+    tilted = (box @ rotation.T).astype(np.float32)
+
+    assert text_module._line_height(box) == pytest.approx(30)
+    assert text_module._line_height(tilted) == pytest.approx(30, abs=1e-3)
 
 
 def test_join_strips_keeps_one_box_per_line() -> None:

@@ -57,6 +57,15 @@ _MIN_TEXT_SIDE = 4
 # of 1963 words at about the same CPU time. It fired on one receipt scan (median 14 rows)
 # and on none of 16 generated scenes (lowest median 18 rows).
 _SMALL_LINE_ROWS = 16.0
+# Regions of at most _MAX_COARSE_PIXELS are first detected at this scale, which costs about a
+# third of a detection at full size (see TextReader._detect_coarse). At 0.5, close lines merged.
+_COARSE_SCALE = 0.6
+# Inputs whose shorter side at _COARSE_SCALE is under this are detected at full size only.
+_MIN_COARSE_SIDE = 64
+# Larger inputs, such as whole scenes that mix large and small print, skip the coarse pass.
+_MAX_COARSE_PIXELS = 300_000
+# A coarse box over this many times the median box height may contain two merged lines.
+_MERGED_LINE_RATIO = 1.6
 # Inputs over max_detect_pixels are detected in horizontal strips that overlap by this many
 # detector rows, so a line up to this high, less twice _STRIP_EDGE_MARGIN, lies whole inside
 # one strip.
@@ -391,9 +400,10 @@ class TextReader(Reader):
     def _detect(self, image: Image, cancellation: Cancellation | None) -> list[FloatArray]:
         """Run the DB text detector and return line boxes in the image's pixels.
 
-        An image of at most ``max_detect_pixels`` pixels is detected whole, at its own size,
-        and again at ``_RETRY_SCALE`` times its size if no line was found and that fits in
-        ``max_detect_pixels``.
+        An image of at most ``max_detect_pixels`` pixels is first detected at
+        ``_COARSE_SCALE`` times its size (see :meth:`_detect_coarse`). If those lines may be
+        wrong, it is detected whole at its own size, and again at ``_RETRY_SCALE`` times its
+        size if no line was found and that fits in ``max_detect_pixels``.
         A larger one is first detected downscaled to about ``max_detect_pixels``. When the
         lines found there are small (median box height under ``_SMALL_LINE_ROWS`` detector
         rows, as on a receipt scan), small print may have been lost, so the image is
@@ -405,6 +415,9 @@ class TextReader(Reader):
         """
         height, width = image.shape[:2]
         if height * width <= self.max_detect_pixels:
+            coarse = self._detect_coarse(image, cancellation)
+            if coarse is not None:
+                return _reading_order(coarse)
             boxes = self._detect_part(image, 1.0, cancellation)
             upscaled_pixels = height * width * _RETRY_SCALE**2
             if not boxes and upscaled_pixels <= self.max_detect_pixels:
@@ -444,6 +457,37 @@ class TextReader(Reader):
             if bottom == height:
                 return _reading_order(_join_strips(strips))
             top = bottom - overlap
+
+    def _detect_coarse(
+        self, image: Image, cancellation: Cancellation | None
+    ) -> list[FloatArray] | None:
+        """Detect lines at ``_COARSE_SCALE``; return them, or ``None`` if they may be wrong.
+
+        They are kept when the median line height is at least ``_SMALL_LINE_ROWS`` detector
+        rows and no box looks like two merged lines. A lone box must show one band of ink
+        rows. Of several boxes, none may be over ``_MERGED_LINE_RATIO`` times the median
+        height. Returns ``None`` without a detection for an input too small to downscale
+        or larger than ``_MAX_COARSE_PIXELS``.
+        """
+        height, width = image.shape[:2]
+        if min(height, width) * _COARSE_SCALE < _MIN_COARSE_SIDE:
+            return None
+        if height * width > _MAX_COARSE_PIXELS:
+            return None
+        boxes = self._detect_part(image, _COARSE_SCALE, cancellation)
+        if not boxes:
+            return None
+        heights = [_line_height(box) * _COARSE_SCALE for box in boxes]
+        median = float(np.median(heights))
+        if median < _SMALL_LINE_ROWS:
+            return None
+        if len(boxes) == 1:
+            (crop,) = self.engine.get_crop_img_list(image, boxes)
+            if _count_ink_bands(crop) > 1:
+                return None
+        elif max(heights) > _MERGED_LINE_RATIO * median:
+            return None
+        return boxes
 
     def _detect_part(
         self, image: Image, scale: float, cancellation: Cancellation | None
@@ -756,6 +800,12 @@ def _count_ink_bands(image: Image) -> int:
     ink_rows = binary.mean(axis=1) >= _INK_ROW_SHARE
     starts = np.flatnonzero(ink_rows[1:] & ~ink_rows[:-1])
     return int(len(starts) + (1 if ink_rows[0] else 0))
+
+
+def _line_height(box: FloatArray) -> float:
+    """Return the height of a line box: the mean length of its two shorter opposite sides."""
+    sides = np.linalg.norm(box - np.roll(box, -1, axis=0), axis=1)
+    return float(min(sides[0] + sides[2], sides[1] + sides[3]) / 2)
 
 
 def _join_strips(strips: Sequence[tuple[list[FloatArray], list[FloatArray]]]) -> list[FloatArray]:
