@@ -7,6 +7,8 @@ Usage (from the repository root):
 Generated scenes use seeds [--seed, index], which training never uses because it renders with
 [training seed, index] and a different first element. Precision and recall count a detection as
 correct when its class matches and its IoU with an unmatched ground-truth box is at least 0.5.
+Close-ups (`edge.synth.render_close_up`: one code or label filling much of the frame) use the
+same seeds, in five frame sizes taken in turn.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from edge.synth import CLASS_NAMES, render_scene
+from edge.synth import CLASS_NAMES, render_close_up, render_scene
 
 LOGGER = logging.getLogger("eval_detector")
 PAD_VALUE = 114
@@ -154,13 +156,28 @@ def match_counts(
     return counts
 
 
+# Frame sizes of the close-up scenes, taken in turn.
+CLOSE_UP_SIZES = ((640, 480), (480, 640), (480, 480), (1280, 720), (240, 240))
+
+
 def evaluate_generated(
-    detector: OnnxDetector, scenes: int, seed: int, distortions: bool, conf: float
+    detector: OnnxDetector,
+    scenes: int,
+    seed: int,
+    distortions: bool,
+    conf: float,
+    *,
+    close_ups: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """Return precision and recall per class on freshly generated scenes."""
+    """Return precision and recall per class on freshly generated scenes or close-ups."""
     totals = np.zeros((len(CLASS_NAMES), 3), np.int64)
     for index in range(scenes):
-        scene = render_scene(np.random.default_rng([seed, index]), distortions=distortions)
+        rng = np.random.default_rng([seed, index])
+        if close_ups:
+            width, height = CLOSE_UP_SIZES[index % len(CLOSE_UP_SIZES)]
+            scene = render_close_up(rng, width, height, distortions=distortions)
+        else:
+            scene = render_scene(rng, distortions=distortions)
         truths = [(CLASS_NAMES.index(o.class_name), o.box) for o in scene.objects]
         totals += match_counts(detector.detect(scene.image, conf), truths, len(CLASS_NAMES))
     report = {}
@@ -292,6 +309,10 @@ def main() -> None:
         key = "generated_distorted" if distortions else "generated_clean"
         results[key] = evaluate_generated(detector, args.scenes, args.seed, distortions, args.conf)
         LOGGER.info("%s: %s", key, json.dumps(results[key]))
+    results["close_ups"] = evaluate_generated(
+        detector, args.scenes, args.seed, True, args.conf, close_ups=True
+    )
+    LOGGER.info("close_ups: %s", json.dumps(results["close_ups"]))
     if args.corpus is not None:
         results["corpus"] = evaluate_corpus(detector, args.corpus, args.conf)
         LOGGER.info("corpus: %s", json.dumps(results["corpus"]))

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.synth import CLASS_NAMES, render_scene
+from edge.synth import CLASS_NAMES, render_close_up, render_scene
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "edge" / "samples"
@@ -118,6 +118,61 @@ def test_render_scene_clean_codes_decode() -> None:
             decoded += obj.value in payloads
     assert total >= 40
     assert decoded / total > 0.9
+
+
+CLOSE_UP_SIZES = [(640, 480), (480, 640), (240, 240), (1280, 720)]
+
+
+def test_render_close_up_same_seed_same_output() -> None:
+    """The same seed gives the same close-up."""
+    first = render_close_up(np.random.default_rng(3), 640, 480)
+    second = render_close_up(np.random.default_rng(3), 640, 480)
+
+    assert np.array_equal(first.image, second.image)
+    assert first.objects == second.objects
+
+
+@pytest.mark.parametrize("size", CLOSE_UP_SIZES, ids=[f"{w}x{h}" for w, h in CLOSE_UP_SIZES])
+def test_render_close_up_fills_frame(size: tuple[int, int]) -> None:
+    """A close-up shows one object whose box lies inside the frame and spans much of it."""
+    width, height = size
+    classes = set()
+    for seed in range(20):
+        scene = render_close_up(np.random.default_rng(seed), width, height)
+        assert scene.image.shape == (height, width, 3)
+        assert len(scene.objects) == 1
+        (obj,) = scene.objects
+        x, y, w, h = obj.box
+        assert x >= 0
+        assert y >= 0
+        assert x + w <= width
+        assert y + h <= height
+        assert max(w, h) >= 0.3 * min(width, height)
+        classes.add(obj.class_name)
+    assert classes == set(CLASS_NAMES)
+
+
+def test_render_close_up_clean_codes_decode() -> None:
+    """pyzbar decodes the code of most clean close-ups from the whole frame."""
+    pyzbar = pytest.importorskip("pyzbar.pyzbar")
+    decoded = total = 0
+    for seed in range(40):
+        width, height = CLOSE_UP_SIZES[seed % len(CLOSE_UP_SIZES)]
+        scene = render_close_up(np.random.default_rng(seed), width, height, distortions=False)
+        (obj,) = scene.objects
+        if obj.class_name == "text":
+            continue
+        gray = cv2.cvtColor(scene.image, cv2.COLOR_BGR2GRAY)
+        total += 1
+        decoded += obj.value in {r.data.decode("utf-8") for r in pyzbar.decode(gray)}
+    assert total >= 25
+    assert decoded / total > 0.9
+
+
+def test_render_close_up_small_frame_raises() -> None:
+    """A frame under 64 pixels on a side is rejected with its size in the message."""
+    with pytest.raises(ValueError, match="32x480"):
+        render_close_up(np.random.default_rng(0), 32, 480)
 
 
 def test_render_scene_clean_text_readable() -> None:

@@ -23,11 +23,16 @@ from edge.synth._content import (
 )
 from edge.synth._effects import distort_frame, render_background, warp_into
 
-__all__ = ["CLASS_NAMES", "Scene", "SceneObject", "render_scene"]
+__all__ = ["CLASS_NAMES", "Scene", "SceneObject", "render_close_up", "render_scene"]
 
 CLASS_NAMES = ("text", "qr_code", "barcode")
 _PLACEMENT_TRIES = 40
 _MAX_OVERLAP = 0.02
+# In a close-up, the longer side of the object's box spans this share of the frame's shorter
+# side, before a pose that does not fit is shrunk.
+_CLOSE_UP_SPAN = (0.35, 0.95)
+# Share of close-ups that show a QR code, an EAN-13 barcode, and a label or receipt.
+_CLOSE_UP_KINDS = (0.45, 0.35, 0.20)
 
 
 @dataclass(frozen=True)
@@ -218,3 +223,76 @@ def render_scene(
     if distortions:
         frame = distort_frame(rng, frame)
     return Scene(np.ascontiguousarray(frame), tuple(objects))
+
+
+def _close_up_pose(
+    rng: np.random.Generator, patch: Patch, frame_size: tuple[int, int], distortions: bool
+) -> np.ndarray:
+    """Return a homography that makes the patch's region fill much of the frame, inside it."""
+    width, height = frame_size
+    region = patch.region.astype(np.float32)
+    patch_h, patch_w = patch.alpha.shape
+    corners = np.array([[0, 0], [patch_w, 0], [patch_w, patch_h], [0, patch_h]], np.float32)
+    region_side = float(max(np.ptp(region[:, 0]), np.ptp(region[:, 1])))
+    scale = rng.uniform(*_CLOSE_UP_SPAN) * min(width, height) / region_side
+    angle = 0.0
+    if distortions:
+        # People hold a code at any angle, but a label is seldom far from upright.
+        turn = 180.0 if patch.class_name == "qr_code" else 30.0
+        angle = rng.uniform(-turn, turn) if rng.random() < 0.3 else float(rng.normal(0, 5))
+    theta = np.deg2rad(angle)
+    rotation = np.array(
+        [[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]], np.float32
+    )
+    jitter = rng.uniform(-0.08, 0.08, (4, 2)) if distortions and rng.random() < 0.5 else None
+
+    centre = region.mean(axis=0)
+    while True:
+        moved = ((corners - centre) * scale) @ rotation.T
+        if jitter is not None:
+            moved += (jitter * scale * region_side).astype(np.float32)
+        matrix = cv2.getPerspectiveTransform(corners, moved.astype(np.float32))
+        mapped = cv2.perspectiveTransform(region.reshape(-1, 1, 2), matrix).reshape(-1, 2)
+        if np.ptp(mapped[:, 0]) < width and np.ptp(mapped[:, 1]) < height:
+            break
+        scale *= 0.9
+
+    shift_x = rng.uniform(-mapped[:, 0].min(), width - mapped[:, 0].max())
+    shift_y = rng.uniform(-mapped[:, 1].min(), height - mapped[:, 1].max())
+    translation = np.array([[1, 0, shift_x], [0, 1, shift_y], [0, 0, 1]], np.float64)
+    return translation @ matrix
+
+
+def render_close_up(
+    rng: np.random.Generator, width: int = 640, height: int = 480, *, distortions: bool = True
+) -> Scene:
+    """Render one QR code, EAN-13 barcode or label that fills much of the frame.
+
+    A camera shows this when a user holds a code up to it. Ordinary scenes from
+    :func:`render_scene` keep codes at their printed size, small in the frame. The object's box
+    spans 35% to 95% of the frame's shorter side and stays inside the frame; the rest of the
+    sticker or card may be cut off by the frame's edges. With ``distortions``, QR codes may be
+    turned by any angle, and the frame gets the same distortions as in ``render_scene``.
+
+    Raises:
+        ValueError: when the frame is under 64 pixels on a side.
+    """
+    if width < 64 or height < 64:
+        message = f"invalid frame size {width}x{height}: expected at least 64x64 pixels"
+        raise ValueError(message)
+    frame = render_background(rng, height, width)
+    kind = int(rng.choice(3, p=np.array(_CLOSE_UP_KINDS)))
+    if kind == 0:
+        patch = render_qr(rng, int(rng.choice([2, 3, 4])))
+    elif kind == 1:
+        patch = render_ean13(rng, int(rng.choice([2, 3])))
+    else:
+        patch = render_label(rng) if rng.random() < 0.7 else render_receipt(rng)
+    frame_size = (width, height)
+    matrix = _close_up_pose(rng, patch, frame_size, distortions)
+    warp_into(frame, patch.image, patch.alpha, matrix)
+    x, y, w, h = _warped_box(patch.region, matrix, frame_size)
+    objects = (SceneObject(patch.class_name, (x, y, w, h), patch.value),)
+    if distortions:
+        frame = distort_frame(rng, frame)
+    return Scene(np.ascontiguousarray(frame), objects)
