@@ -99,9 +99,11 @@ class WaitingReader(Reader):
         return Reading(lines=(TextLine("seen" if seen else "alone", 1.0),))
 
 
-def _pipeline(journal: Journal, *, wait_below: int = 0) -> Pipeline:
+def _pipeline(journal: Journal, *, wait_below: int = 0, concurrency: int = 2) -> Pipeline:
     reader = WaitingReader(journal, wait_below=wait_below)
-    options = PipelineOptions(full_frame_codes="never", reuse_unchanged=False, op_timeout=30)
+    options = PipelineOptions(
+        concurrency=concurrency, full_frame_codes="never", reuse_unchanged=False, op_timeout=30
+    )
     return Pipeline(JournalDetector(journal), {"text": reader}, options=options)
 
 
@@ -131,7 +133,8 @@ async def test_stream_detects_during_reads() -> None:
 
 async def test_stream_starts_reads_in_frame_order() -> None:
     journal = Journal()
-    pipeline = _pipeline(journal)
+    # With two slots, a read's thread may log its start after the next read's thread.
+    pipeline = _pipeline(journal, concurrency=1)
     try:
         await _collect(pipeline, [_frame(seq) for seq in (1, 2, 3)])
     finally:
