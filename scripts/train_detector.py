@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge.synth import CLASS_NAMES, render_scene
+from edge.synth import CLASS_NAMES, render_close_up, render_scene
 
 LOGGER = logging.getLogger("train_detector")
 STRIDES = (8, 16, 32)
@@ -38,7 +38,10 @@ STRIDES = (8, 16, 32)
 LEVEL_RANGES = ((0.0, 96.0), (48.0, 192.0), (96.0, 1e9))
 CENTRE_RADIUS = 2.5
 PAD_VALUE = 114
-MODEL_VERSION = "0.1.0"
+MODEL_VERSION = "0.2.0"
+# Frame sizes (width, height) of close-up scenes: webcam and phone shapes, and the small
+# square crops of some code test sets.
+CLOSE_UP_SIZES = ((640, 480), (480, 640), (480, 480), (1280, 720), (240, 240))
 
 
 def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, float, tuple[int, int]]:
@@ -57,9 +60,14 @@ def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, float, tuple[in
     return canvas, scale, (left, top)
 
 
-def _render_one(task: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    seed, index, size = task
-    scene = render_scene(np.random.default_rng([seed, index]))
+def _render_one(task: tuple[int, int, int, float]) -> tuple[np.ndarray, np.ndarray]:
+    seed, index, size, close_ups = task
+    rng = np.random.default_rng([seed, index])
+    if np.random.default_rng([seed, index, 1]).random() < close_ups:
+        width, height = CLOSE_UP_SIZES[int(rng.integers(len(CLOSE_UP_SIZES)))]
+        scene = render_close_up(rng, width, height)
+    else:
+        scene = render_scene(rng)
     image, scale, (left, top) = letterbox(scene.image, size)
     rows = []
     for obj in scene.objects:
@@ -70,10 +78,21 @@ def _render_one(task: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(image[:, :, ::-1]), labels
 
 
-def build_cache(folder: Path, count: int, size: int, seed: int, workers: int) -> None:
-    """Render `count` letterboxed RGB scenes with their labels into `folder`, unless present."""
+def build_cache(
+    folder: Path, count: int, size: int, seed: int, workers: int, close_ups: float
+) -> None:
+    """Render `count` letterboxed RGB scenes with their labels into `folder`, unless present.
+
+    A share `close_ups` of the scenes are close-ups (`render_close_up`) rather than scenes.
+    """
     meta_path = folder / "meta.json"
-    meta = {"count": count, "size": size, "seed": seed, "classes": list(CLASS_NAMES)}
+    meta = {
+        "count": count,
+        "size": size,
+        "seed": seed,
+        "classes": list(CLASS_NAMES),
+        "close_ups": close_ups,
+    }
     if meta_path.exists() and json.loads(meta_path.read_text()) == meta:
         LOGGER.info("using cached data set in %s (%d scenes)", folder, count)
         return
@@ -83,7 +102,7 @@ def build_cache(folder: Path, count: int, size: int, seed: int, workers: int) ->
     )
     labels: list[np.ndarray] = []
     started = time.monotonic()
-    tasks = [(seed, index, size) for index in range(count)]
+    tasks = [(seed, index, size, close_ups) for index in range(count)]
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         for index, (image, label) in enumerate(pool.imap(_render_one, tasks, chunksize=8)):
             images[index] = image
@@ -449,6 +468,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--images", type=int, default=4000, help="number of scenes to render")
     parser.add_argument(
+        "--close-ups",
+        type=float,
+        default=0.2,
+        help="share of the scenes that show one code or label filling much of the frame",
+    )
+    parser.add_argument(
         "--size", type=int, default=416, help="export input size S in pixels, a multiple of 32"
     )
     parser.add_argument("--steps", type=int, default=1800, help="optimiser steps")
@@ -487,6 +512,8 @@ def parse_args() -> argparse.Namespace:
         help="render 16 scenes, run 3 steps, export to a temporary folder",
     )
     args = parser.parse_args()
+    if not 0.0 <= args.close_ups <= 1.0:
+        parser.error(f"invalid --close-ups {args.close_ups}: expected a share in 0..1")
     if args.size % max(STRIDES):
         parser.error(f"invalid --size {args.size}: expected a multiple of {max(STRIDES)}")
     return args
@@ -512,7 +539,7 @@ def main() -> None:
         model = Detector(len(CLASS_NAMES))
         model.load_state_dict(torch.load(args.export_from, weights_only=True))
     else:
-        build_cache(args.cache, args.images, args.size, args.seed, args.threads)
+        build_cache(args.cache, args.images, args.size, args.seed, args.threads, args.close_ups)
         if args.epochs is not None:
             args.steps = max(1, round(args.epochs * args.images / args.batch))
         model = train(args)

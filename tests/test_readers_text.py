@@ -21,9 +21,7 @@ from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 from rapidocr_onnxruntime import RapidOCR
 
-from edge.config import load_config
 from edge.errors import ReaderError
-from edge.factory import build_detector
 from edge.pipeline import crop_with_margin
 from edge.readers import text as text_module
 from edge.readers.base import Cancellation, ReadCancelled
@@ -350,15 +348,17 @@ def test_text_reader_small_print_detected_in_strips(monkeypatch: pytest.MonkeyPa
 def test_text_reader_upscales_blurred_label(
     reader: TextReader, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A small label whose print the detector misses at its own size is read at twice its size."""
+    """A small label whose print the detector misses at its own size is read at twice its size.
+
+    The box is one that an earlier default detector drew around the label. Boxes a few pixels
+    different make the text detector find some or none of the lines at the crop's own size.
+    """
     rng = np.random.default_rng(1)
     scene = [render_scene(rng, 1280, 720, labels=(1, 8), codes=(0, 4)) for _ in range(11)][-1]
     label = next(o for o in scene.objects if o.value.startswith("Organic Whole Milk"))
-    detector = build_detector(load_config(None))
-    regions, _ = detector.detect_counted(scene.image)
-    detector.close()
-    region = max(regions, key=lambda r: box_iou(r.box, Box(*(round(v) for v in label.box))))
-    crop, _ = crop_with_margin(scene.image, region.box, reader.crop_margin)
+    box = Box(914, 296, 202, 99)
+    assert box_iou(box, Box(*(round(v) for v in label.box))) > 0.9
+    crop, _ = crop_with_margin(scene.image, box, reader.crop_margin)
     expected = ("organicwholemilk", "l5691a", "07.01.2027", "22.71")
 
     text = squeeze(joined_text(reader.read(crop)))
@@ -366,7 +366,7 @@ def test_text_reader_upscales_blurred_label(
     text_without_retry = squeeze(joined_text(reader.read(crop)))
 
     assert all(word in text for word in expected), text
-    assert text_without_retry == "", "the default detector's box no longer needs the retry"
+    assert text_without_retry == ""
 
 
 @pytest.mark.parametrize(("size", "detections"), [((400, 300), 3), ((700, 500), 1)])
