@@ -85,7 +85,8 @@ class DetectorConfig:
             wider than 1664 pixels). 0 turns tiling off.
         merge_classes: Classes whose overlapping boxes are merged into one region, their
             union, so that a text block the model splits into overlapping parts is read
-            once. Empty merges nothing.
+            once, and a code boxed twice (whole and in part) is decoded once. Every name
+            must be a class of the model. Empty merges nothing.
     """
 
     model: Path = MODELS_DIR / "detector.onnx"
@@ -94,7 +95,7 @@ class DetectorConfig:
     iou_threshold: float = field(default=0.45, metadata=_bounds(0, 1))
     threads: int = field(default=0, metadata=_bounds(0, 64))
     tile_scale: float = field(default=4.0, metadata=_bounds(0, 100))
-    merge_classes: tuple[str, ...] = ("text",)
+    merge_classes: tuple[str, ...] = ("text", "qr_code", "barcode")
 
 
 @dataclass(frozen=True)

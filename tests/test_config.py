@@ -97,8 +97,8 @@ def test_config_invalid_value_names_key(tmp_path: Path, data: dict[str, object],
 
 
 def test_config_merge_classes(tmp_path: Path) -> None:
-    """merge_classes defaults to text, and an empty array turns merging off."""
-    assert parse_config({}).detector.merge_classes == ("text",)
+    """merge_classes defaults to the default model's classes; an empty array turns it off."""
+    assert parse_config({}).detector.merge_classes == ("text", "qr_code", "barcode")
     config = parse_config({"detector": {"merge_classes": []}}, base_dir=tmp_path)
     assert config.detector.merge_classes == ()
     config = parse_config({"detector": {"merge_classes": ["text", "barcode"]}})

@@ -101,7 +101,7 @@ def test_bench_json_default_threads(report: dict[str, Any]) -> None:
     }
     assert report["settings"] == {
         "detector.tile_scale": 4.0,
-        "detector.merge_classes": ["text"],
+        "detector.merge_classes": ["text", "qr_code", "barcode"],
         "readers.text.max_detect_pixels": 300_000,
         "readers.text.rewrite_models": True,
         "pipeline.code_workers": 1,
