@@ -425,19 +425,32 @@ def test_text_reader_small_print_detected_at_full_size(
     assert detector_inputs[1][3] > detector_inputs[0][3]
 
 
-@pytest.mark.parametrize("boxes", ["lone box over two lines", "one box twice as tall"])
-def test_coarse_detection_rejects_run_together_lines(
+@pytest.mark.parametrize("boxes", ["lone box", "box beside another"])
+def test_coarse_detection_rejects_merged_lines(
     reader: TextReader, monkeypatch: pytest.MonkeyPatch, boxes: str
 ) -> None:
-    """Coarse boxes that may hold two lines run together are not kept."""
-    image = render_text(LABEL_LINES[:2], (480, 120), font_size=30, line_step=44)
-    if boxes == "lone box over two lines":
-        found = [_quad(4, 4, 470, 100)]
-    else:
-        found = [_quad(4, 4, 300, 44), _quad(4, 50, 300, 90), _quad(4, 96, 300, 190)]
+    """Coarse boxes are not kept when one of them covers two lines."""
+    image = render_text(LABEL_LINES[:3], (480, 150), font_size=30, line_step=44)
+    two_lines = _quad(4, 4, 470, 96)
+    found = [two_lines] if boxes == "lone box" else [two_lines, _quad(4, 96, 470, 140)]
     monkeypatch.setattr(reader, "_detect_part", lambda *_: [box.copy() for box in found])
 
     assert reader._detect_coarse(image, None) is None
+
+    one_line = [_quad(4, 4, 470, 50), _quad(4, 50, 470, 96)]
+    monkeypatch.setattr(reader, "_detect_part", lambda *_: [box.copy() for box in one_line])
+    assert reader._detect_coarse(image, None) is not None
+
+
+def test_count_ink_bands_min_share() -> None:
+    """Thin bands, such as a neighbouring line's edge, are not counted with a minimum share."""
+    image = np.full((100, 200, 3), 255, np.uint8)
+    image[5:45, 10:40] = 0
+    image[60:95, 10:40] = 0
+    image[97:99, 10:40] = 0
+
+    assert text_module._count_ink_bands(image) == 3
+    assert text_module._count_ink_bands(image, 0.2) == 2
 
 
 def test_line_height_of_tilted_box() -> None:

@@ -4,8 +4,9 @@
 detector scales the shorter side up to 736 pixels (``limit_type: min``), so a small label
 crop costs more than a whole frame. It also runs the angle classifier on every line.
 :class:`TextReader` keeps rapidocr's models and post-processing but runs the steps itself:
-it upscales only a small crop in which no line was found, sends thin wide crops straight to
-the recogniser, runs the classifier only when asked, and sets the onnxruntime thread count.
+it detects lines in a crop downscaled first when its print is large, upscales only a small
+crop in which no line was found, sends thin wide crops straight to the recogniser, runs the
+classifier only when asked, and sets the onnxruntime thread count.
 By default it also replaces rapidocr's onnxruntime sessions with sessions on equivalent,
 faster graphs (:mod:`edge.readers.graph`).
 
@@ -57,15 +58,16 @@ _MIN_TEXT_SIDE = 4
 # of 1963 words at about the same CPU time. It fired on one receipt scan (median 14 rows)
 # and on none of 16 generated scenes (lowest median 18 rows).
 _SMALL_LINE_ROWS = 16.0
-# Regions of at most _MAX_COARSE_PIXELS are first detected at this scale, which costs about a
-# third of a detection at full size (see TextReader._detect_coarse). At 0.5, close lines merged.
+# Regions of at most _MAX_COARSE_PIXELS are first detected at this scale, on 0.36 of their
+# pixels (see TextReader._detect_coarse). At 0.5, close lines ran together in one box.
 _COARSE_SCALE = 0.6
 # Inputs whose shorter side at _COARSE_SCALE is under this are detected at full size only.
 _MIN_COARSE_SIDE = 64
 # Larger inputs, such as whole scenes that mix large and small print, skip the coarse pass.
 _MAX_COARSE_PIXELS = 300_000
-# A coarse box over this many times the median box height may contain two merged lines.
-_MERGED_LINE_RATIO = 1.6
+# A coarse line box whose crop shows two bands of ink rows, each at least this share of its
+# rows, contains two merged lines. Thinner bands are parts of neighbouring lines at its edges.
+_MERGED_BAND_SHARE = 0.2
 # Inputs over max_detect_pixels are detected in horizontal strips that overlap by this many
 # detector rows, so a line up to this high, less twice _STRIP_EDGE_MARGIN, lies whole inside
 # one strip.
@@ -114,9 +116,10 @@ class TextReader(Reader):
 
     Crops whose aspect ratio (width / height) is at least ``single_line_aspect`` and whose
     rows show one band of ink, and crops under 32 pixels high, are read as one line by the
-    recogniser alone. Other inputs go through text detection at their own size, then
-    recognition of each detected line. A small input in which the detector finds no line is
-    detected again at twice its size.
+    recogniser alone. Other inputs go through text detection, then recognition of each
+    detected line. Detection runs at 0.6 of the input's size first, and at its own size
+    when the lines found there are small or may have merged. A small input in which the
+    detector finds no line is detected again at twice its size.
 
     Args:
         threads: onnxruntime intra-op threads per model session, at least 1. Keep
@@ -464,10 +467,13 @@ class TextReader(Reader):
         """Detect lines at ``_COARSE_SCALE``; return them, or ``None`` if they may be wrong.
 
         They are kept when the median line height is at least ``_SMALL_LINE_ROWS`` detector
-        rows and no box looks like two merged lines. A lone box must show one band of ink
-        rows. Of several boxes, none may be over ``_MERGED_LINE_RATIO`` times the median
-        height. Returns ``None`` without a detection for an input too small to downscale
-        or larger than ``_MAX_COARSE_PIXELS``.
+        rows and no box looks like two merged lines: the crop of each box may show at most
+        one band of ink rows at least ``_MERGED_BAND_SHARE`` of its height. Returns ``None``
+        without a detection for an input too small to downscale or larger than
+        ``_MAX_COARSE_PIXELS``.
+
+        NOTE: a small line that the coarse pass misses is in no box, so the checks cannot see
+        it. In a region that mixes large and small print, such lines can be lost.
         """
         height, width = image.shape[:2]
         if min(height, width) * _COARSE_SCALE < _MIN_COARSE_SIDE:
@@ -477,15 +483,13 @@ class TextReader(Reader):
         boxes = self._detect_part(image, _COARSE_SCALE, cancellation)
         if not boxes:
             return None
-        heights = [_line_height(box) * _COARSE_SCALE for box in boxes]
-        median = float(np.median(heights))
-        if median < _SMALL_LINE_ROWS:
+        # Each side was rounded to a multiple of 32, so the real scale differs from 0.6.
+        rows_per_pixel = _detector_size(height, width, _COARSE_SCALE)[0] / height
+        heights = [_line_height(box) * rows_per_pixel for box in boxes]
+        if float(np.median(heights)) < _SMALL_LINE_ROWS:
             return None
-        if len(boxes) == 1:
-            (crop,) = self.engine.get_crop_img_list(image, boxes)
-            if _count_ink_bands(crop) > 1:
-                return None
-        elif max(heights) > _MERGED_LINE_RATIO * median:
+        crops = self.engine.get_crop_img_list(image, boxes)
+        if any(_count_ink_bands(crop, _MERGED_BAND_SHARE) > 1 for crop in crops):
             return None
         return boxes
 
@@ -494,8 +498,7 @@ class TextReader(Reader):
     ) -> list[FloatArray]:
         """Detect lines in an image scaled by ``scale``; boxes come in the image's pixels."""
         height, width = image.shape[:2]
-        det_height = max(_DET_STRIDE, round(height * scale / _DET_STRIDE) * _DET_STRIDE)
-        det_width = max(_DET_STRIDE, round(width * scale / _DET_STRIDE) * _DET_STRIDE)
+        det_height, det_width = _detector_size(height, width, scale)
         interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
         resized = cv2.resize(image, (det_width, det_height), interpolation=interpolation)
         tensor = (resized.astype(np.float32) / 255.0 - _NORM_MEAN) / _NORM_STD
@@ -788,18 +791,28 @@ def _pad_with_background(image: Image, pad: int) -> Image:
     return _u8(cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=colour))
 
 
-def _count_ink_bands(image: Image) -> int:
+def _count_ink_bands(image: Image, min_share: float = 0.0) -> int:
     """Count horizontal bands of ink rows separated by blank rows, after an Otsu threshold.
 
     Ink is taken to be the minority class, so dark-on-light and light-on-dark both work.
+    Bands of fewer than ``min_share`` times the image's rows are not counted.
     """
     grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
     _, binary = cv2.threshold(grey, 0, 1, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
     if binary.mean() > 0.5:
         binary = 1 - binary
     ink_rows = binary.mean(axis=1) >= _INK_ROW_SHARE
-    starts = np.flatnonzero(ink_rows[1:] & ~ink_rows[:-1])
-    return int(len(starts) + (1 if ink_rows[0] else 0))
+    # Each band starts and ends where the row flags change, with blank rows added around.
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], ink_rows, [False]])))
+    lengths = edges[1::2] - edges[::2]
+    return int(np.count_nonzero(lengths >= min_share * len(ink_rows)))
+
+
+def _detector_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """Return the detector input size of an image scaled by ``scale``: multiples of 32."""
+    det_height = max(_DET_STRIDE, round(height * scale / _DET_STRIDE) * _DET_STRIDE)
+    det_width = max(_DET_STRIDE, round(width * scale / _DET_STRIDE) * _DET_STRIDE)
+    return det_height, det_width
 
 
 def _line_height(box: FloatArray) -> float:
