@@ -66,6 +66,10 @@ class CameraConfig:
     height: int = field(default=0, metadata=_bounds(0, 10000))
 
 
+#: Default ``detector.merge_classes``: every class of the default model.
+DEFAULT_MERGE_CLASSES = ("text", "qr_code", "barcode")
+
+
 @dataclass(frozen=True)
 class DetectorConfig:
     """The ONNX region detector.
@@ -85,8 +89,9 @@ class DetectorConfig:
             wider than 1664 pixels). 0 turns tiling off.
         merge_classes: Classes whose overlapping boxes are merged into one region, their
             union, so that a text block the model splits into overlapping parts is read
-            once, and a code boxed twice (whole and in part) is decoded once. Every name
-            must be a class of the model. Empty merges nothing.
+            once, and a code boxed twice (whole and in part) is decoded once. A name the
+            model does not have is an error, except in the default, which skips such names
+            so that a model with other classes loads unchanged. Empty merges nothing.
     """
 
     model: Path = MODELS_DIR / "detector.onnx"
@@ -95,7 +100,7 @@ class DetectorConfig:
     iou_threshold: float = field(default=0.45, metadata=_bounds(0, 1))
     threads: int = field(default=0, metadata=_bounds(0, 64))
     tile_scale: float = field(default=4.0, metadata=_bounds(0, 100))
-    merge_classes: tuple[str, ...] = ("text", "qr_code", "barcode")
+    merge_classes: tuple[str, ...] = DEFAULT_MERGE_CLASSES
 
 
 @dataclass(frozen=True)

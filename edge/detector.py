@@ -106,11 +106,15 @@ class Detector:
             with the highest score of the group, until no two boxes of the class overlap.
             A text block that the model splits into overlapping parts is then read once,
             as a whole, instead of line by line in each part. Empty merges nothing.
+        skip_unknown_merge_classes: Skip names in ``merge_classes`` that the model does not
+            have, with a log line, instead of raising. For a default list that may name
+            classes of another model.
 
     Raises:
         ModelError: The file is missing, unreadable or not a valid model, its output layout is
             not one of the three above, the class names do not match its class count, or
-            ``merge_classes`` names a class the model does not have.
+            ``merge_classes`` names a class the model does not have (unless
+            ``skip_unknown_merge_classes``).
         ValueError: A threshold is outside 0..1, ``threads`` is below 1 or ``tile_scale`` is
             not above 1.
     """
@@ -127,6 +131,7 @@ class Detector:
         threads: int | None = None,
         tile_scale: float | None = None,
         merge_classes: Sequence[str] = (),
+        skip_unknown_merge_classes: bool = False,
     ) -> None:
         _check_fraction("score_threshold", score_threshold)
         _check_fraction("iou_threshold", iou_threshold)
@@ -160,14 +165,22 @@ class Detector:
             metadata, labels_path, class_names, class_count
         )
         unknown = [name for name in merge_classes if name not in self._class_names]
-        if unknown:
+        if unknown and not skip_unknown_merge_classes:
             msg = (
                 f"merge_classes names {', '.join(map(repr, unknown))}, which the model does "
                 f"not have; its classes are {', '.join(self._class_names)}: set "
                 "detector.merge_classes to some of them, or to [] to merge nothing"
             )
             raise ModelError(msg, path=str(self._model_path))
-        self._merge_ids = sorted({self._class_names.index(name) for name in merge_classes})
+        merged = [name for name in merge_classes if name in self._class_names]
+        if unknown:
+            logger.info(
+                "Detector %s has no class %s, so merge_classes merges boxes of %s only",
+                self._model_path,
+                ", ".join(unknown),
+                ", ".join(merged) or "no class",
+            )
+        self._merge_ids = sorted({self._class_names.index(name) for name in merged})
         logger.info(
             "Loaded detector %s: layout %s, output %s, input %dx%d (HxW), %d classes %s, "
             "%d intra-op threads",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from edge.config import Config
+from edge.config import DEFAULT_MERGE_CLASSES, Config
 from edge.detector import Detector
 from edge.pipeline import Pipeline, PipelineOptions
 from edge.readers.base import Reader
@@ -89,6 +89,7 @@ def build_detector(config: Config) -> Detector:
         threads=detector_threads(config),
         tile_scale=detector_config.tile_scale or None,
         merge_classes=detector_config.merge_classes,
+        skip_unknown_merge_classes=detector_config.merge_classes == DEFAULT_MERGE_CLASSES,
     )
 
 

@@ -12,6 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edge.config import DEFAULT_MERGE_CLASSES, parse_config
 from edge.detector import (
     Detector,
     OutputLayout,
@@ -24,6 +25,7 @@ from edge.detector import (
     yolov5_anchor_count,
 )
 from edge.errors import ImageError, ModelError
+from edge.factory import build_detector
 from edge.results import Box
 from edge.synth import Scene, render_scene
 
@@ -392,6 +394,34 @@ def test_detector_merge_classes_unknown_name(tmp_path: Path) -> None:
     model = write_model(tmp_path / "v8.onnx", anchors_last([[32, 32, 8, 8, 0.9, 0.0]]))
     with pytest.raises(ModelError, match=r"merge_classes names 'label'.*text, qr_code"):
         Detector(model, class_names=["text", "qr_code"], merge_classes=["label"])
+
+
+def test_default_merge_classes_skip_unknown(tmp_path: Path) -> None:
+    """The default merge_classes loads a model with other classes and merges the shared ones."""
+    labels = tmp_path / "labels.txt"
+    labels.write_text("text\nqr\n", encoding="utf-8")
+    # Two overlapping text boxes and two overlapping qr boxes.
+    model = write_model(
+        tmp_path / "v8.onnx",
+        anchors_last(
+            [
+                [12, 12, 12, 12, 0.9, 0.0],
+                [16, 16, 12, 12, 0.8, 0.0],
+                [44, 44, 12, 12, 0.0, 0.9],
+                [48, 48, 12, 12, 0.0, 0.8],
+            ]
+        ),
+    )
+    config = parse_config(
+        {"detector": {"model": str(model), "labels": str(labels), "iou_threshold": 0.9}}
+    )
+
+    detector = build_detector(config)
+    regions = detector.detect(np.zeros((SIZE, SIZE, 3), np.uint8))
+
+    assert sorted(r.class_name for r in regions) == ["qr", "qr", "text"]
+    with pytest.raises(ModelError, match=r"merge_classes names 'qr_code', 'barcode'"):
+        Detector(model, labels_path=labels, merge_classes=DEFAULT_MERGE_CLASSES)
 
 
 def test_detector_merges_split_receipt() -> None:
