@@ -133,8 +133,10 @@ async def test_stream_detects_during_reads() -> None:
 
 async def test_stream_starts_reads_in_frame_order() -> None:
     journal = Journal()
-    # With two slots, a read's thread may log its start after the next read's thread.
-    pipeline = _pipeline(journal, concurrency=1)
+    # With two slots, a read's thread may log its start after the next read's thread. With
+    # one, frame 1's first read holds it until frame 2 is detected, so frame 2's reads queue
+    # behind frame 1's second read.
+    pipeline = _pipeline(journal, wait_below=2, concurrency=1)
     try:
         await _collect(pipeline, [_frame(seq) for seq in (1, 2, 3)])
     finally:

@@ -13,7 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.synth import CLASS_NAMES, render_close_up, render_scene
+from edge.synth import CLASS_NAMES, _close_up_pose, render_close_up, render_scene
+from edge.synth._content import render_ean13, render_qr
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "edge" / "samples"
@@ -134,7 +135,7 @@ def test_render_close_up_same_seed_same_output() -> None:
 
 @pytest.mark.parametrize("size", CLOSE_UP_SIZES, ids=[f"{w}x{h}" for w, h in CLOSE_UP_SIZES])
 def test_render_close_up_fills_frame(size: tuple[int, int]) -> None:
-    """A close-up shows one object whose box lies inside the frame and spans much of it."""
+    """A close-up shows one object whose box spans much of the frame."""
     width, height = size
     classes = set()
     for seed in range(20):
@@ -142,14 +143,26 @@ def test_render_close_up_fills_frame(size: tuple[int, int]) -> None:
         assert scene.image.shape == (height, width, 3)
         assert len(scene.objects) == 1
         (obj,) = scene.objects
-        x, y, w, h = obj.box
-        assert x >= 0
-        assert y >= 0
-        assert x + w <= width
-        assert y + h <= height
+        _, _, w, h = obj.box
         assert max(w, h) >= 0.3 * min(width, height)
         classes.add(obj.class_name)
     assert classes == set(CLASS_NAMES)
+
+
+@pytest.mark.parametrize("size", CLOSE_UP_SIZES, ids=[f"{w}x{h}" for w, h in CLOSE_UP_SIZES])
+def test_close_up_pose_keeps_region_inside(size: tuple[int, int]) -> None:
+    """The pose of a close-up maps the whole region of its code inside the frame."""
+    width, height = size
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        patch = render_qr(rng, 3) if seed % 2 else render_ean13(rng, 2)
+        matrix = _close_up_pose(rng, patch, size, distortions=True)
+        region = patch.region.reshape(-1, 1, 2).astype(np.float64)
+        corners = cv2.perspectiveTransform(region, matrix).reshape(-1, 2)
+        assert corners[:, 0].min() >= 0
+        assert corners[:, 1].min() >= 0
+        assert corners[:, 0].max() <= width
+        assert corners[:, 1].max() <= height
 
 
 def test_render_close_up_clean_codes_decode() -> None:

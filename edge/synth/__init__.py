@@ -269,10 +269,12 @@ def render_close_up(
     """Render one QR code, EAN-13 barcode or label that fills much of the frame.
 
     A camera shows this when a user holds a code up to it. Ordinary scenes from
-    :func:`render_scene` keep codes at their printed size, small in the frame. The object's box
-    spans 35% to 95% of the frame's shorter side and stays inside the frame; the rest of the
-    sticker or card may be cut off by the frame's edges. With ``distortions``, QR codes may be
-    turned by any angle, and the frame gets the same distortions as in ``render_scene``.
+    :func:`render_scene` keep codes at their printed size, small in the frame. The longer side
+    of the object's region spans 35% to 95% of the frame's shorter side before it is turned
+    (less where that does not fit), so the box of a turned object can be larger. The region
+    stays inside the frame, but the frame's edges may cut off the rest of the sticker or card.
+    With ``distortions``, QR codes may be turned by any angle, and the frame gets the same
+    distortions as in ``render_scene``.
 
     Raises:
         ValueError: when the frame is under 64 pixels on a side.
