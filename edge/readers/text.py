@@ -4,9 +4,9 @@
 detector scales the shorter side up to 736 pixels (``limit_type: min``), so a small label
 crop costs more than a whole frame. It also runs the angle classifier on every line.
 :class:`TextReader` keeps rapidocr's models and post-processing but runs the steps itself:
-it detects lines in a crop downscaled first when its print is large, upscales only a small
-crop in which no line was found, sends thin wide crops straight to the recogniser, runs the
-classifier only when asked, and sets the onnxruntime thread count.
+it detects lines in a crop downscaled first when its print is large, and upscales only a
+small crop in which no line was found. It sends thin wide crops straight to the recogniser,
+runs the classifier only when asked, and sets the onnxruntime thread count.
 By default it also replaces rapidocr's onnxruntime sessions with sessions on equivalent,
 faster graphs (:mod:`edge.readers.graph`).
 
@@ -467,7 +467,7 @@ class TextReader(Reader):
         """Detect lines at ``_COARSE_SCALE``; return them, or ``None`` if they may be wrong.
 
         They are kept when the median line height is at least ``_SMALL_LINE_ROWS`` detector
-        rows and no box looks like two merged lines: the crop of each box may show at most
+        rows and no box looks like two merged lines. So the crop of each box may show at most
         one band of ink rows at least ``_MERGED_BAND_SHARE`` of its height. Returns ``None``
         without a detection for an input too small to downscale or larger than
         ``_MAX_COARSE_PIXELS``.
