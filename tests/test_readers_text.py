@@ -433,13 +433,55 @@ def test_coarse_detection_rejects_merged_lines(
     image = render_text(LABEL_LINES[:3], (480, 150), font_size=30, line_step=44)
     two_lines = _quad(4, 4, 470, 96)
     found = [two_lines] if boxes == "lone box" else [two_lines, _quad(4, 96, 470, 140)]
-    monkeypatch.setattr(reader, "_detect_part", lambda *_: [box.copy() for box in found])
+    monkeypatch.setattr(reader, "_boxes", lambda *_: [box.copy() for box in found])
+    # Only the merged-line check is tested here: the boxes need not cover every line.
+    monkeypatch.setattr(text_module, "_unboxed_share", lambda *_: 0.0)
 
     assert reader._detect_coarse(image, None) is None
 
     one_line = [_quad(4, 4, 470, 50), _quad(4, 50, 470, 96)]
-    monkeypatch.setattr(reader, "_detect_part", lambda *_: [box.copy() for box in one_line])
+    monkeypatch.setattr(reader, "_boxes", lambda *_: [box.copy() for box in one_line])
     assert reader._detect_coarse(image, None) is not None
+
+
+def test_coarse_detection_rejects_boxes_that_miss_lines(
+    reader: TextReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tilted, blurred receipt whose lines the coarse pass mostly misses is detected whole.
+
+    The box is one that the default detector draws around the receipt. At 0.6 of its size
+    the text detector boxes five of its ten lines, but its probability map shows the others.
+    """
+    rng = np.random.default_rng(2)
+    scene = render_scene(rng, 1920, 1080, labels=(1, 8), codes=(0, 4))
+    receipt = next(o for o in scene.objects if o.value.startswith("CORNER GROCERY"))
+    box = Box(1036, 728, 348, 300)
+    assert box_iou(box, Box(*(round(v) for v in receipt.box))) > 0.7
+    crop, _ = crop_with_margin(scene.image, box, reader.crop_margin)
+    padded = text_module._pad_with_background(crop, text_module._DET_PAD)
+
+    assert reader._detect_coarse(padded, None) is None
+    assert "147marketstreet" in squeeze(joined_text(reader.read(crop)))
+
+    monkeypatch.setattr(text_module, "_MAX_UNBOXED_SHARE", 1.0)
+    assert reader._detect_coarse(padded, None) is not None
+    assert "marketstreet" not in squeeze(joined_text(reader.read(crop)))
+
+
+def test_unboxed_share() -> None:
+    """The share counts text pixels outside every box, in map pixels of a scaled image."""
+    probability = np.zeros((40, 100), dtype=np.float32)
+    probability[5:15, 10:60] = 0.9  # 500 text pixels inside the box below
+    probability[25:30, 10:30] = 0.6  # 100 text pixels outside it
+    probability[30:35, 10:30] = 0.2  # below the threshold
+    # The image is twice the map's size, so the box's corners are in doubled pixels.
+    box = _quad(16, 6, 124, 34)
+
+    share = text_module._unboxed_share(probability, [box], (80, 200), 0.3)
+
+    assert share == pytest.approx(100 / 600)
+    assert text_module._unboxed_share(probability, [], (80, 200), 0.3) == 1.0
+    assert text_module._unboxed_share(probability * 0.1, [box], (80, 200), 0.3) == 0.0
 
 
 def test_count_ink_bands_min_share() -> None:
