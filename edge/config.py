@@ -167,6 +167,10 @@ class PipelineConfig:
             starts when they get a worker and a slot. Two workers gave 19% more frames per
             second on the real-image corpus (2-core x86-64), but took the daemon's peak
             there to 435 MB, so one is the default, within the memory budget.
+        document_share: A frame whose text boxes (of classes routed to the ``text`` reader)
+            cover at least this share of it is taken to be a document, such as a receipt or
+            an invoice held up to the camera. Its text is read as one region, the whole
+            frame, with ``origin`` ``full_frame``. 0 turns this off.
     """
 
     concurrency: int = field(default=2, metadata=_bounds(1, 64))
@@ -175,6 +179,7 @@ class PipelineConfig:
     full_frame_codes: Literal["never", "always", "when_none_read"] = "when_none_read"
     reuse_unchanged: bool = True
     code_workers: int = field(default=1, metadata=_bounds(0, 64))
+    document_share: float = field(default=0.5, metadata=_bounds(0, 1))
 
 
 @dataclass(frozen=True)

@@ -176,6 +176,7 @@ def describe_device(config: Config, frame_count: int, size: tuple[int, int]) -> 
             "readers.text.max_detect_pixels": config.readers.text.max_detect_pixels,
             "readers.text.rewrite_models": config.readers.text.rewrite_models,
             "pipeline.code_workers": config.pipeline.code_workers,
+            "pipeline.document_share": config.pipeline.document_share,
         },
         "frames": {"count": frame_count, "width": size[0], "height": size[1], "seed": SEED},
     }

@@ -93,6 +93,23 @@ def build_detector(config: Config) -> Detector:
     )
 
 
+def pipeline_options(config: Config) -> PipelineOptions:
+    """Return the pipeline's options; document classes are those routed to the text reader."""
+    pipeline = config.pipeline
+    return PipelineOptions(
+        concurrency=pipeline.concurrency,
+        op_timeout=pipeline.op_timeout,
+        frame_deadline=pipeline.frame_deadline,
+        full_frame_codes=pipeline.full_frame_codes,
+        reuse_unchanged=pipeline.reuse_unchanged,
+        code_workers=pipeline.code_workers,
+        document_share=pipeline.document_share,
+        document_classes=frozenset(
+            cls for cls, name in config.readers.routes.items() if name == "text"
+        ),
+    )
+
+
 def build_pipeline(config: Config) -> Pipeline:
     """Load the detector and readers (warming them up) and return a ready pipeline.
 
@@ -112,13 +129,6 @@ def build_pipeline(config: Config) -> Pipeline:
             ", ".join(unknown),
             ", ".join(detector.class_names),
         )
-    options = PipelineOptions(
-        concurrency=config.pipeline.concurrency,
-        op_timeout=config.pipeline.op_timeout,
-        frame_deadline=config.pipeline.frame_deadline,
-        full_frame_codes=config.pipeline.full_frame_codes,
-        reuse_unchanged=config.pipeline.reuse_unchanged,
-        code_workers=config.pipeline.code_workers,
-    )
+    options = pipeline_options(config)
     full_frame = full_frame_code_reader() if config.pipeline.full_frame_codes != "never" else None
     return Pipeline(detector, routes, code_reader=full_frame, options=options)

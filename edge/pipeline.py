@@ -86,6 +86,8 @@ class PipelineOptions:
     full_frame_codes: FullFramePolicy = "when_none_read"
     reuse_unchanged: bool = True
     code_workers: int = 1
+    document_share: float = 0.0
+    document_classes: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,6 +100,9 @@ class DetectedFrame:
         rejected: Detections dropped as degenerate or discarded by the detector.
         started: ``time.perf_counter()`` when the frame entered the pipeline.
         detected_at: ``time.perf_counter()`` when detection ended.
+        document: The whole frame as one region of a document class, read in place of the
+            regions of those classes. It is ``None`` unless they cover ``document_share`` of
+            the frame.
     """
 
     frame: Frame
@@ -105,6 +110,7 @@ class DetectedFrame:
     rejected: int
     started: float
     detected_at: float
+    document: Region | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -413,7 +419,37 @@ class Pipeline:
         )
         detected_at = time.perf_counter()
         regions, rejected = _accept_regions(detections, frame.seq)
-        return DetectedFrame(frame, regions, rejected + discarded, started, detected_at)
+        regions, document = self._as_document(frame, regions)
+        return DetectedFrame(
+            frame, regions, rejected + discarded, started, detected_at, document=document
+        )
+
+    def _as_document(
+        self, frame: Frame, regions: list[Region]
+    ) -> tuple[list[Region], Region | None]:
+        """Replace the regions of document classes by the whole frame if they cover enough.
+
+        Returns the regions left and the whole-frame region, or the regions unchanged and
+        ``None``. The whole-frame region takes the class and score of the highest-scoring
+        region it replaces.
+        """
+        share = self._options.document_share
+        classes = self._options.document_classes
+        text = [r for r in regions if r.class_name in classes and r.class_name in self._routes]
+        if share <= 0 or not text:
+            return regions, None
+        covered = _union_area([r.box for r in text]) / (frame.width * frame.height)
+        if covered < share:
+            return regions, None
+        best = max(text, key=lambda region: region.score)
+        document = Region(best.class_name, best.score, Box(0, 0, frame.width, frame.height))
+        logger.debug(
+            "frame %d: %d text regions cover %.0f%% of it, so it is read whole",
+            frame.seq,
+            len(text),
+            covered * 100,
+        )
+        return [r for r in regions if r.class_name not in classes], document
 
     async def read(self, detected: DetectedFrame) -> FrameResult:
         """Read every region of a detected frame, after the frames whose reads began before.
@@ -435,7 +471,9 @@ class Pipeline:
             if previous is not None:
                 await previous.started.wait()
             reading_at = time.perf_counter()
-            results = await self._read_all(frame, detected.regions, turn, previous)
+            results = await self._read_all(
+                frame, detected.regions, turn, previous, detected.document
+            )
         finally:
             for event in (turn.began, turn.started, turn.settled, turn.ended):
                 event.set()
@@ -469,10 +507,13 @@ class Pipeline:
         regions: Sequence[Region],
         turn: _ReadTurn,
         previous: _ReadTurn | None,
+        document: Region | None = None,
     ) -> list[RegionResult]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._options.frame_deadline
         jobs = [self._job_for(frame, region) for region in regions]
+        if document is not None:
+            jobs.append(self._document_job(frame, document))
         if previous is not None and any(job.pending is not None for job in jobs):
             # The previous frame's reads of these pixels end before its entries are final.
             with contextlib.suppress(TimeoutError):
@@ -505,7 +546,7 @@ class Pipeline:
         if late is not None and id(late[0]) in outcomes:
             jobs.append(late[0])
         self._resolve(entries, outcomes)
-        return _split_full_frame(_assemble(jobs, outcomes))
+        return _split_full_frame(_assemble(jobs, outcomes), code_name)
 
     def _with_reuse(self, job: _Job) -> _Job:
         """Attach the crop's signature and, if its pixels did not change, the old reading.
@@ -559,6 +600,11 @@ class Pipeline:
             return _Job(region, None, Origin.DETECTOR)
         crop, offset = crop_with_margin(frame.image, region.box, reader.crop_margin)
         return self._with_reuse(_Job(region, reader, Origin.DETECTOR, crop, offset))
+
+    def _document_job(self, frame: Frame, document: Region) -> _Job:
+        """Return the job that reads a document frame whole (see :meth:`_as_document`)."""
+        reader = self._routes[document.class_name]
+        return self._with_reuse(_Job(document, reader, Origin.FULL_FRAME, frame.image))
 
     def _full_frame_job(self, frame: Frame) -> _Job:
         box = Box(0, 0, frame.width, frame.height)
@@ -791,6 +837,21 @@ def _accept_regions(detections: Sequence[Region], seq: int) -> tuple[list[Region
     return accepted, rejected
 
 
+def _union_area(boxes: Sequence[Box]) -> int:
+    """Return the area in pixels that at least one of the boxes covers."""
+    xs = sorted({edge for box in boxes for edge in (box.x, box.x + box.w)})
+    ys = sorted({edge for box in boxes for edge in (box.y, box.y + box.h)})
+    covered = np.zeros((len(ys), len(xs)), dtype=bool)
+    for box in boxes:
+        top, bottom = ys.index(box.y), ys.index(box.y + box.h)
+        left, right = xs.index(box.x), xs.index(box.x + box.w)
+        covered[top:bottom, left:right] = True
+    # Cell (i, j) spans ys[i]..ys[i + 1] and xs[j]..xs[j + 1]. The last row and column are empty.
+    heights = np.diff(np.asarray(ys, dtype=np.int64), append=ys[-1] if ys else 0)
+    widths = np.diff(np.asarray(xs, dtype=np.int64), append=xs[-1] if xs else 0)
+    return int(heights @ covered @ widths)
+
+
 def crop_with_margin(image: Image, box: Box, margin: float) -> tuple[Image, tuple[int, int]]:
     """Cut a box out of a frame, widened on each side by ``margin`` of its width and height.
 
@@ -873,14 +934,20 @@ def _region_result(job: _Job, reader: str, op: OpResult[Reading] | None) -> Regi
     )
 
 
-def _split_full_frame(results: list[RegionResult]) -> list[RegionResult]:
-    """Replace the full-frame result by one region per code it found, skipping known codes."""
-    known = {
-        (c.format, c.data) for r in results if r.origin is Origin.DETECTOR for c in r.reading.codes
-    }
-    output = [r for r in results if r.origin is Origin.DETECTOR]
+def _split_full_frame(results: list[RegionResult], code_name: str | None) -> list[RegionResult]:
+    """Replace the full-frame code result by one region per code it found, skipping known codes.
+
+    ``code_name`` is the name of the full-frame decode's reader. Other full-frame results,
+    such as a document read whole, are kept as they are.
+    """
+
+    def decoded_whole(result: RegionResult) -> bool:
+        return result.origin is Origin.FULL_FRAME and result.reader == code_name
+
+    known = {(c.format, c.data) for r in results if not decoded_whole(r) for c in r.reading.codes}
+    output = [r for r in results if not decoded_whole(r)]
     for result in results:
-        if result.origin is not Origin.FULL_FRAME:
+        if not decoded_whole(result):
             continue
         if result.status is not RegionStatus.OK:
             if result.status is not RegionStatus.EMPTY:

@@ -105,6 +105,7 @@ def test_bench_json_default_threads(report: dict[str, Any]) -> None:
         "readers.text.max_detect_pixels": 300_000,
         "readers.text.rewrite_models": True,
         "pipeline.code_workers": 1,
+        "pipeline.document_share": 0.5,
     }
 
 

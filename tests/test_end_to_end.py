@@ -15,7 +15,7 @@ import cv2
 import jsonschema
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import REPO, Broker, free_port
+from conftest import CORPUS, REPO, Broker, free_port
 from paho.mqtt.enums import CallbackAPIVersion
 
 SAMPLES = REPO / "edge" / "samples"
@@ -158,6 +158,38 @@ def test_scan_corrupt_image_skipped(tmp_path: Path) -> None:
     assert completed.returncode == 1
     assert "a-broken.jpg" in completed.stderr
     assert len(completed.stdout.splitlines()) == 1
+
+
+RECEIPT = CORPUS / "sroie2019" / "img" / "150.jpg"
+
+
+@pytest.mark.skipif(not RECEIPT.exists(), reason="the SROIE receipts of the corpus are not present")
+def test_scan_reads_a_receipt_whole(tmp_path: Path) -> None:
+    """A receipt scan is read as one document, and its footer, outside every text box, is read.
+
+    The default detector's text boxes cover 66% of this receipt, but leave out its footer
+    under the barcode.
+    """
+    no_documents = tmp_path / "edge.toml"
+    no_documents.write_text("[pipeline]\ndocument_share = 0\n")
+
+    def scan(*config: str) -> tuple[list[dict[str, object]], str]:
+        completed = _edge("scan", *config, str(RECEIPT))
+        assert completed.returncode == 0, completed.stderr
+        regions = json.loads(completed.stdout)["regions"]
+        texts = [r for r in regions if r["class"] == "text"]
+        return texts, " ".join(line["text"] for r in texts for line in r["lines"]).lower()
+
+    texts, whole = scan()
+    parts, in_boxes = scan("--config", str(no_documents))
+
+    image = cv2.imread(str(RECEIPT))
+    assert image is not None
+    height, width = image.shape[:2]
+    assert [(r["origin"], r["box"]) for r in texts] == [("full_frame", [0, 0, width, height])]
+    assert "come again" in whole
+    assert {r["origin"] for r in parts} == {"detector"}
+    assert "come again" not in in_boxes
 
 
 def test_run_bad_config_names_key(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from edge.config import Config
-from edge.factory import build_detector, detector_threads
+from edge.factory import build_detector, detector_threads, pipeline_options
 
 TEXT_AND_CODES = {"text": "text", "qr_code": "codes", "barcode": "codes"}
 
@@ -70,3 +70,17 @@ def test_build_detector_threads(monkeypatch: pytest.MonkeyPatch) -> None:
         assert session.get_session_options().intra_op_num_threads == 3
     finally:
         detector.close()
+
+
+def test_pipeline_options_document_classes() -> None:
+    """Documents are made of the classes routed to the text reader, whatever their names."""
+    routes = {"label": "text", "receipt": "text", "qr_code": "codes"}
+    config = replace(
+        _config(0, 2, routes=routes), pipeline=replace(Config().pipeline, document_share=0.7)
+    )
+
+    options = pipeline_options(config)
+
+    assert options.document_classes == frozenset({"label", "receipt"})
+    assert options.document_share == 0.7
+    assert pipeline_options(_config(0, 2)).document_classes == frozenset({"text"})

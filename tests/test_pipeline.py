@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from edge.pipeline import Pipeline, PipelineOptions
+from edge.pipeline import Pipeline, PipelineOptions, _union_area
 from edge.readers.base import Cancellation, Reader
 from edge.readers.codes import CodeReader, decode_codes
 from edge.readers.text import TextReader
@@ -258,6 +258,69 @@ async def test_pipeline_full_frame_fallback_when_nothing_detected(code_reader: C
     assert {c.text for r in result.regions for c in r.reading.codes} == {
         o.value for o in scene.objects
     }
+
+
+class RecordingTextReader(Reader):
+    """A text reader that records the shape of every crop and reads one line from each."""
+
+    name = "text"
+    crop_margin = 0.0
+
+    def __init__(self) -> None:
+        self.shapes: list[tuple[int, ...]] = []
+
+    def read(self, image: Image, cancellation: Cancellation | None = None) -> Reading:
+        self.shapes.append(image.shape)
+        return Reading(lines=(TextLine("TOTAL 12.50", 0.9, Box(10, 20, 60, 12)),))
+
+
+@pytest.mark.parametrize(("bottom", "whole"), [(400, True), (320, False)])
+async def test_pipeline_reads_a_document_whole(
+    code_reader: CodeReader, bottom: int, whole: bool
+) -> None:
+    """Text boxes that cover document_share of a frame are read as one region, the frame.
+
+    The two boxes overlap, and their union covers 400 or 320 of the 720 rows, 56% or 44%.
+    Code regions are still read on their own.
+    """
+    scene = _scene(15, labels=(0, 0), codes=(1, 1))
+    height, width = scene.image.shape[:2]
+    code = _regions(scene)[0]
+    text = [
+        Region("text", 0.7, Box(0, 0, width, 200)),
+        Region("text", 0.8, Box(0, 180, width, bottom - 180)),
+    ]
+    reader = RecordingTextReader()
+    routes: dict[str, Reader] = {"text": reader, code.class_name: code_reader}
+    assert scene.image.shape[:2] == (720, 1280)
+    options = PipelineOptions(document_share=0.5, document_classes=frozenset({"text"}))
+    pipeline = Pipeline(OracleDetector([*text, code]), routes, options=options)
+    try:
+        result = await pipeline.process(_frame(scene))
+    finally:
+        await pipeline.aclose()
+
+    texts = [r for r in result.regions if r.region.class_name == "text"]
+    codes = [r for r in result.regions if r.region.class_name == code.class_name]
+    assert [c.text for r in codes for c in r.reading.codes] == [scene.objects[0].value]
+    assert [r.origin for r in codes] == [Origin.DETECTOR]
+    if whole:
+        assert reader.shapes == [scene.image.shape]
+        assert [(r.region.box, r.region.score, r.origin) for r in texts] == [
+            (Box(0, 0, width, height), 0.8, Origin.FULL_FRAME)
+        ]
+        assert texts[0].reading.lines[0].box == Box(10, 20, 60, 12)
+    else:
+        assert sorted(reader.shapes) == [(140, width, 3), (200, width, 3)]
+        assert {r.origin for r in texts} == {Origin.DETECTOR}
+
+
+def test_union_area() -> None:
+    """Pixels covered by several boxes count once."""
+    assert _union_area([]) == 0
+    assert _union_area([Box(0, 0, 10, 10)]) == 100
+    assert _union_area([Box(0, 0, 10, 10), Box(5, 5, 10, 10)]) == 175
+    assert _union_area([Box(0, 0, 10, 10), Box(20, 0, 10, 10), Box(2, 2, 3, 3)]) == 200
 
 
 class RecordingCodeReader(Reader):
