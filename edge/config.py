@@ -116,8 +116,8 @@ class TextReaderConfig:
             found there are small, such a region is detected again at full resolution in
             overlapping strips of at most this many pixels each. Each detection
             needs about 230 bytes of memory per pixel, so this bounds the daemon's peak.
-            Concurrent reads share this budget: their detections add up to about this many
-            pixels at most at once.
+            Concurrent reads share 1.5 times this budget: their detections add up to about
+            that many pixels at most at once.
         rewrite_models: Run the OCR models with exact graph rewrites that make them faster
             (``edge/readers/graph.py``). Turn it off only to compare or to rule it out.
     """

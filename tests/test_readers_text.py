@@ -240,6 +240,26 @@ def test_text_reader_detections_share_budget(
         assert [squeeze(line.text) for line in reading.lines] == [squeeze(x) for x in LABEL_LINES]
 
 
+def test_text_reader_budget_fits_detection_beside_half() -> None:
+    """A detection at max_detect_pixels fits beside one of half that, and no pixel more."""
+    reader = TextReader(threads=1, max_detect_pixels=120_000)
+    budget = reader._detect_budget
+    beside = threading.Event()
+    more = threading.Event()
+
+    with budget.reserve(120_000):
+        half = threading.Thread(target=_reserve_and_set, args=(budget, 60_000, beside))
+        half.start()
+        assert beside.wait(5)
+        half.join(5)
+    with budget.reserve(120_000):
+        over = threading.Thread(target=_reserve_and_set, args=(budget, 60_001, more))
+        over.start()
+        assert not more.wait(0.2)
+    over.join(5)
+    assert more.is_set()
+
+
 def median_ms(function: Callable[[], object], repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -474,14 +494,27 @@ def test_unboxed_share() -> None:
     probability[5:15, 10:60] = 0.9  # 500 text pixels inside the box below
     probability[25:30, 10:30] = 0.6  # 100 text pixels outside it
     probability[30:35, 10:30] = 0.2  # below the threshold
-    # The image is twice the map's size, so the box's corners are in doubled pixels.
-    box = _quad(16, 6, 124, 34)
+    # The image is 2 times the map's height and 3 times its width.
+    box = _quad(24, 6, 186, 34)
 
-    share = text_module._unboxed_share(probability, [box], (80, 200), 0.3)
+    share = text_module._unboxed_share(probability, [box], (80, 300), 0.3)
 
     assert share == pytest.approx(100 / 600)
-    assert text_module._unboxed_share(probability, [], (80, 200), 0.3) == 1.0
-    assert text_module._unboxed_share(probability * 0.1, [box], (80, 200), 0.3) == 0.0
+    assert text_module._unboxed_share(probability, [], (80, 300), 0.3) == 1.0
+    assert text_module._unboxed_share(probability * 0.1, [box], (80, 300), 0.3) == 0.0
+
+
+def test_coarse_boxes_cover_clean_print(reader: TextReader) -> None:
+    """On clean, large print the coarse boxes cover nearly all text pixels of the map."""
+    image = render_text(LABEL_LINES, (480, 220), font_size=30, line_step=56)
+    padded = text_module._pad_with_background(image, text_module._DET_PAD)
+    height, width = padded.shape[:2]
+    prediction = reader._predict(padded, text_module._COARSE_SCALE, None)
+    boxes = reader._boxes(prediction, height, width)
+    threshold = float(reader.engine.text_det.postprocess_op.thresh)
+
+    assert len(boxes) == len(LABEL_LINES)
+    assert text_module._unboxed_share(prediction[0, 0], boxes, (height, width), threshold) < 0.01
 
 
 def test_count_ink_bands_min_share() -> None:
