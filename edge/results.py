@@ -139,6 +139,7 @@ class Origin(enum.StrEnum):
 
     DETECTOR = "detector"
     FULL_FRAME = "full_frame"
+    DOCUMENT = "document"
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +153,8 @@ class RegionResult:
         status: Outcome of the read.
         reading: What was read; empty unless ``status`` is ``OK``.
         elapsed_ms: Time spent reading, in milliseconds (queue time excluded).
-        origin: Whether the detector found the region or a full-frame fallback did.
+        origin: Whether the detector found the region, the full-frame code decode did, or
+            the region is a document frame whose text was read whole.
         error: A one-line description of the failure for ``ERROR`` and ``TIMEOUT``.
         reused: The reading is the previous frame's, handed over again because the region's
             pixels did not change; nothing was read this frame.
@@ -178,7 +180,8 @@ class FrameResult:
         width: Frame width in pixels.
         height: Frame height in pixels.
         source: The frame's source file or device.
-        regions: One entry per region, detector regions first, in detection order.
+        regions: One entry per region, detector regions first, in detection order. On a
+            document frame, one whole-frame region replaces the text regions it covers.
         timings_ms: Milliseconds per stage: ``detect``, ``queue`` (the wait for the previous
             frame's reads), ``read`` and ``total``.
         rejected_regions: Detections discarded before reading (degenerate boxes).

@@ -6,7 +6,8 @@ each crop, and hands a reading over again when a region of the same class sits a
 same box and its signature still matches.
 
 A signature is the crop shrunk to ``SIGNATURE_SIDE`` square pixels with area averaging, which
-smooths sensor noise. Two signatures match when fewer than ``changed_share`` of their pixels
+smooths sensor noise. The signatures of several crops can be stacked into one, row-wise, for a
+reading made of them all. Two signatures match when fewer than ``changed_share`` of their pixels
 differ by more than ``pixel_tolerance`` grey levels; a changed digit on a label covers more than
 that share of its signature.
 
@@ -99,8 +100,12 @@ class ReuseCache:
         for entry in self._previous:
             if entry.class_name != class_name or box_iou(entry.box, box) < self._min_iou:
                 continue
+            if entry.signature.shape != crop_signature.shape:
+                continue
             changed = np.abs(entry.signature - crop_signature) > self._pixel_tolerance
-            if float(changed.mean()) < self._changed_share:
+            # A stacked signature (of several crops) matches when each of its crops does.
+            blocks = changed.reshape(-1, SIGNATURE_SIDE * SIGNATURE_SIDE)
+            if float(blocks.mean(axis=1).max()) < self._changed_share:
                 return entry
         return None
 

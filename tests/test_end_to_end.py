@@ -186,7 +186,7 @@ def test_scan_reads_a_receipt_whole(tmp_path: Path) -> None:
     image = cv2.imread(str(RECEIPT))
     assert image is not None
     height, width = image.shape[:2]
-    assert [(r["origin"], r["box"]) for r in texts] == [("full_frame", [0, 0, width, height])]
+    assert [(r["origin"], r["box"]) for r in texts] == [("document", [0, 0, width, height])]
     assert "come again" in whole
     assert {r["origin"] for r in parts} == {"detector"}
     assert "come again" not in in_boxes

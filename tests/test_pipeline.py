@@ -274,27 +274,37 @@ class RecordingTextReader(Reader):
         return Reading(lines=(TextLine("TOTAL 12.50", 0.9, Box(10, 20, 60, 12)),))
 
 
-@pytest.mark.parametrize(("bottom", "whole"), [(400, True), (320, False)])
+def _document_pipeline(
+    scene: Scene, detected: list[Region], reader: Reader, code_reader: CodeReader
+) -> Pipeline:
+    routes: dict[str, Reader] = {"text": reader, "qr_code": code_reader, "barcode": code_reader}
+    options = PipelineOptions(document_share=0.5, document_classes=frozenset({"text"}))
+    return Pipeline(OracleDetector(detected), routes, code_reader=code_reader, options=options)
+
+
+def _text_boxes(width: int, bottom: int) -> list[Region]:
+    """Two overlapping text boxes across the frame, from row 0 to ``bottom``."""
+    return [
+        Region("text", 0.7, Box(0, 0, width, 200)),
+        Region("text", 0.8, Box(0, 180, width, bottom - 180)),
+    ]
+
+
+@pytest.mark.parametrize(("bottom", "whole"), [(400, True), (360, True), (320, False)])
 async def test_pipeline_reads_a_document_whole(
     code_reader: CodeReader, bottom: int, whole: bool
 ) -> None:
     """Text boxes that cover document_share of a frame are read as one region, the frame.
 
-    The two boxes overlap, and their union covers 400 or 320 of the 720 rows, 56% or 44%.
-    Code regions are still read on their own.
+    The two boxes overlap, and their union covers 400, 360 or 320 of the 720 rows: 56%, 50%
+    (the share itself) or 44%. The code region is still read on its own.
     """
     scene = _scene(15, labels=(0, 0), codes=(1, 1))
-    height, width = scene.image.shape[:2]
-    code = _regions(scene)[0]
-    text = [
-        Region("text", 0.7, Box(0, 0, width, 200)),
-        Region("text", 0.8, Box(0, 180, width, bottom - 180)),
-    ]
-    reader = RecordingTextReader()
-    routes: dict[str, Reader] = {"text": reader, code.class_name: code_reader}
     assert scene.image.shape[:2] == (720, 1280)
-    options = PipelineOptions(document_share=0.5, document_classes=frozenset({"text"}))
-    pipeline = Pipeline(OracleDetector([*text, code]), routes, options=options)
+    width, height = 1280, 720
+    code = _regions(scene)[0]
+    reader = RecordingTextReader()
+    pipeline = _document_pipeline(scene, [*_text_boxes(width, bottom), code], reader, code_reader)
     try:
         result = await pipeline.process(_frame(scene))
     finally:
@@ -307,12 +317,53 @@ async def test_pipeline_reads_a_document_whole(
     if whole:
         assert reader.shapes == [scene.image.shape]
         assert [(r.region.box, r.region.score, r.origin) for r in texts] == [
-            (Box(0, 0, width, height), 0.8, Origin.FULL_FRAME)
+            (Box(0, 0, width, height), 0.8, Origin.DOCUMENT)
         ]
         assert texts[0].reading.lines[0].box == Box(10, 20, 60, 12)
     else:
-        assert sorted(reader.shapes) == [(140, width, 3), (200, width, 3)]
+        assert sorted(reader.shapes) == [(bottom - 180, width, 3), (200, width, 3)]
         assert {r.origin for r in texts} == {Origin.DETECTOR}
+
+
+async def test_pipeline_document_beside_full_frame_decode(code_reader: CodeReader) -> None:
+    """A document frame with no code region still gets the full-frame code decode."""
+    scene = _scene(15, labels=(0, 0), codes=(1, 1))
+    reader = RecordingTextReader()
+    pipeline = _document_pipeline(scene, _text_boxes(1280, 400), reader, code_reader)
+    try:
+        result = await pipeline.process(_frame(scene))
+    finally:
+        await pipeline.aclose()
+
+    by_origin = {r.origin: r for r in result.regions}
+    assert sorted(by_origin) == sorted([Origin.DOCUMENT, Origin.FULL_FRAME])
+    assert by_origin[Origin.DOCUMENT].reading.lines[0].text == "TOTAL 12.50"
+    codes = [c.text for c in by_origin[Origin.FULL_FRAME].reading.codes]
+    assert codes == [scene.objects[0].value]
+
+
+async def test_pipeline_document_reused_until_a_part_changes(code_reader: CodeReader) -> None:
+    """A document is read again when one of its text boxes changes, and reused otherwise.
+
+    The change, a 24 x 16 dark patch, is under 0.05% of the frame's pixels.
+    """
+    scene = _scene(15, labels=(0, 0), codes=(0, 0))
+    changed = scene.image.copy()
+    changed[100:116, 300:324] = 0
+    reader = RecordingTextReader()
+    pipeline = _document_pipeline(scene, _text_boxes(1280, 400), reader, code_reader)
+    try:
+        first = await pipeline.process(_frame(scene, 1))
+        second = await pipeline.process(_frame(scene, 2))
+        third = await pipeline.process(Frame(3, time.time(), changed, "synthetic"))
+    finally:
+        await pipeline.aclose()
+
+    assert len(reader.shapes) == 2
+    assert [r.reused for r in first.regions] == [False]
+    assert [r.reused for r in second.regions] == [True]
+    assert [r.reused for r in third.regions] == [False]
+    assert second.regions[0].reading == first.regions[0].reading
 
 
 def test_union_area() -> None:
@@ -321,6 +372,7 @@ def test_union_area() -> None:
     assert _union_area([Box(0, 0, 10, 10)]) == 100
     assert _union_area([Box(0, 0, 10, 10), Box(5, 5, 10, 10)]) == 175
     assert _union_area([Box(0, 0, 10, 10), Box(20, 0, 10, 10), Box(2, 2, 3, 3)]) == 200
+    assert _union_area([Box(0, 0, 10, 10), Box(10, 0, 10, 10)]) == 200
 
 
 class RecordingCodeReader(Reader):

@@ -239,6 +239,22 @@ def test_reuse_cache_requires_overlapping_box() -> None:
     assert cache.lookup("qr_code", Box(0, 0, 40, 40), signature(image)) is None
 
 
+def test_reuse_cache_stacked_signatures() -> None:
+    """Stacked signatures match crop by crop, and never match a stack of another size."""
+    plain = signature(np.full((40, 40, 3), 200, np.uint8))
+    marked = plain.copy()
+    marked[:3, :4] = 0  # 12 of 4096 pixels: over 0.2% of this crop, under it of the stack
+    box = Box(0, 0, 40, 40)
+    cache = ReuseCache()
+    cache.store("text", box, np.concatenate([plain, plain]), Reading())
+    cache.next_frame()
+
+    assert cache.lookup("text", box, np.concatenate([plain, plain])) is not None
+    assert cache.lookup("text", box, np.concatenate([plain, marked])) is None
+    assert cache.lookup("text", box, np.concatenate([plain, plain, plain])) is None
+    assert cache.lookup("text", box, plain) is None
+
+
 def test_box_iou_values() -> None:
     """IoU is 1 for equal boxes, 0 for disjoint ones and 1/3 for half-shifted squares."""
     assert box_iou(Box(0, 0, 10, 10), Box(0, 0, 10, 10)) == 1.0
