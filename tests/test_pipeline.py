@@ -325,6 +325,32 @@ async def test_pipeline_reads_a_document_whole(
         assert {r.origin for r in texts} == {Origin.DETECTOR}
 
 
+async def test_pipeline_document_kept_near_the_share() -> None:
+    """After a document frame, a frame of the same source stays one down to 0.8 of the share.
+
+    The text boxes cover 400, 320, 270 and 320 of the 720 rows: 56%, 44%, 38% and 44%, with
+    a share of 50% that a document keeps down to 40%. A frame of another source is a
+    document only from 50%.
+    """
+    scene = _scene(15, labels=(0, 0), codes=(0, 0))
+    detector = OracleDetector(_text_boxes(1280, 400))
+    options = PipelineOptions(document_share=0.5, document_classes=frozenset({"text"}))
+    pipeline = Pipeline(detector, {"text": RecordingTextReader()}, options=options)
+    documents = []
+    try:
+        for seq, bottom in enumerate([400, 320, 270, 320], 1):
+            detector.regions = _text_boxes(1280, bottom)
+            documents.append((await pipeline.detect(_frame(scene, seq))).document is not None)
+        detector.regions = _text_boxes(1280, 400)
+        assert (await pipeline.detect(_frame(scene, 5))).document is not None
+        detector.regions = _text_boxes(1280, 320)
+        other = Frame(6, time.time(), scene.image, "other.png")
+        assert (await pipeline.detect(other)).document is None
+    finally:
+        await pipeline.aclose()
+    assert documents == [True, True, False, False]
+
+
 async def test_pipeline_document_beside_full_frame_decode(code_reader: CodeReader) -> None:
     """A document frame with no code region still gets the full-frame code decode."""
     scene = _scene(15, labels=(0, 0), codes=(1, 1))
