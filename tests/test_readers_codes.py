@@ -229,6 +229,22 @@ def test_decode_codes_coloured_qr_on_white(colour: str) -> None:
     assert only_code(decode_codes(image)).data == f"colour {colour}".encode()
 
 
+@pytest.mark.parametrize(
+    ("colour", "seed"),
+    # Yellow needs the darkest colour channel, light blue the Otsu threshold: with these
+    # seeds, no other scan of decode_codes finds them.
+    [("#ffff00", 0), ("#ffff00", 1), ("#a0a0ff", 0), ("#a0a0ff", 3)],
+)
+def test_decode_codes_noisy_light_qr(colour: str, seed: int) -> None:
+    """A light-coloured QR code under sensor noise is found by a retry, not by plain zbar."""
+    payload = f"noisy {colour}"
+    image = cv2.resize(render_qr(payload, dark=colour, scale=3), None, fx=0.8, fy=0.8)
+    noise = np.random.default_rng(seed).normal(0.0, 24.0, image.shape)
+    noisy = as_image(np.clip(image + noise, 0, 255))
+    assert decode_codes(noisy, retries=False).empty
+    assert only_code(decode_codes(noisy)).data == payload.encode()
+
+
 def test_decode_codes_grey_and_bgra_inputs() -> None:
     """Grey and BGRA inputs decode to the same payload as BGR."""
     bgr = render_qr("channels")
