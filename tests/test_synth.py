@@ -13,7 +13,14 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.synth import CLASS_NAMES, _close_up_pose, render_close_up, render_scene
+from edge.readers.text import TextReader
+from edge.synth import (
+    CLASS_NAMES,
+    _close_up_pose,
+    render_close_up,
+    render_document,
+    render_scene,
+)
 from edge.synth._content import render_ean13, render_qr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,6 +193,51 @@ def test_render_close_up_small_frame_raises() -> None:
     """A frame under 64 pixels on a side is rejected with its size in the message."""
     with pytest.raises(ValueError, match="32x480"):
         render_close_up(np.random.default_rng(0), 32, 480)
+
+
+def test_render_document_same_seed_same_output() -> None:
+    """The same seed gives the same document frame."""
+    first = render_document(np.random.default_rng(3), 640, 480)
+    second = render_document(np.random.default_rng(3), 640, 480)
+
+    assert np.array_equal(first.image, second.image)
+    assert first.objects == second.objects
+
+
+@pytest.mark.parametrize("size", CLOSE_UP_SIZES, ids=[f"{w}x{h}" for w, h in CLOSE_UP_SIZES])
+def test_render_document_fills_frame(size: tuple[int, int]) -> None:
+    """A document frame shows one invoice page whose box covers most of the frame."""
+    width, height = size
+    for seed in range(10):
+        scene = render_document(np.random.default_rng(seed), width, height)
+        assert scene.image.shape == (height, width, 3)
+        assert len(scene.objects) == 1
+        (page,) = scene.objects
+        assert page.class_name == "text"
+        assert page.box[2] * page.box[3] >= 0.85**2 * width * height
+        lines = page.value.split("\n")
+        assert 24 <= len(lines) <= 32
+        assert lines[-2].startswith("TOTAL")
+
+
+def test_render_document_small_frame_raises() -> None:
+    """A frame under 64 pixels on a side is rejected with its size in the message."""
+    with pytest.raises(ValueError, match="640x40"):
+        render_document(np.random.default_rng(0), 640, 40)
+
+
+def test_render_document_clean_text_readable() -> None:
+    """The text reader finds at least 90% of the words of a clean document frame read whole.
+
+    Names and prices of one item line may come out as two lines, so words are compared.
+    """
+    reader = TextReader(max_detect_pixels=300_000)
+    for seed in range(2):
+        scene = render_document(np.random.default_rng(seed), 960, 540, distortions=False)
+        read = " ".join(line.text for line in reader.read(scene.image).lines).lower()
+        words = [word for word in scene.objects[0].value.lower().split() if "--" not in word]
+        found = sum(word in read for word in words)
+        assert found >= 0.9 * len(words), (seed, found, len(words))
 
 
 def test_render_scene_clean_text_readable() -> None:

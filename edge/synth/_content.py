@@ -1,4 +1,4 @@
-"""Rendering of single objects (labels, receipts, signs, QR codes, EAN-13 barcodes) as patches."""
+"""Rendering of single objects (labels, receipts, pages, signs, QR codes, EAN-13) as patches."""
 
 from __future__ import annotations
 
@@ -172,6 +172,45 @@ def render_receipt(rng: np.random.Generator) -> Patch:
     draw = ImageDraw.Draw(canvas)
     for row, text in enumerate(lines):
         draw.text((pad, pad + row * line_height), text, font=font, fill=ink)
+    image = np.ascontiguousarray(np.asarray(canvas)[:, :, ::-1])
+    alpha = np.ones((height, width), np.float32)
+    return Patch(image, alpha, _rect(0, 0, width, height), "text", "\n".join(lines))
+
+
+def render_page(rng: np.random.Generator, width: int, height: int) -> Patch:
+    """Render a width x height invoice page: a shop header, then item lines down to a total.
+
+    The monospaced font is sized so that about 24 to 32 lines fill the page, and the lines
+    span about 70% to 85% of its width.
+    """
+    rows = int(rng.integers(24, 33))
+    font = _pick_font(rng, max(8, int(height / rows / 1.45)), mono=True)
+    line_height = max(1, height // rows)
+    char_width = max(1, _text_size(font, "0" * 10)[0] // 10)
+    columns = max(20, int(width * rng.uniform(0.70, 0.85) / char_width))
+    year, month, day = int(rng.integers(25, 28)), int(rng.integers(1, 13)), int(rng.integers(1, 29))
+    lines = [
+        str(rng.choice(_SHOPS)),
+        f"{int(rng.integers(1, 200))} Market Street",
+        f"INVOICE {_digits(rng, 6)}  20{year}-{month:02d}-{day:02d}",
+        "-" * columns,
+    ]
+    cents_total = 0
+    while len(lines) < rows - 3:
+        cents = int(rng.integers(50, 5000))
+        cents_total += cents
+        name = f"{int(rng.integers(1, 10))} x {rng.choice(_PRODUCTS)}"
+        price = f"{cents / 100:.2f}"
+        lines.append(name[: columns - len(price) - 1].ljust(columns - len(price)) + price)
+    total = f"{cents_total / 100:.2f}"
+    lines += ["-" * columns, "TOTAL".ljust(columns - len(total)) + total, "Thank you!"]
+    paper = tuple(int(v) for v in rng.integers(225, 256, 3))
+    ink = tuple(int(v) for v in rng.integers(0, 60, 3))
+    canvas = Image.new("RGB", (width, height), paper)
+    draw = ImageDraw.Draw(canvas)
+    left = int((width - char_width * columns) / 2)
+    for row, text in enumerate(lines):
+        draw.text((left, row * line_height + line_height // 4), text, font=font, fill=ink)
     image = np.ascontiguousarray(np.asarray(canvas)[:, :, ::-1])
     alpha = np.ones((height, width), np.float32)
     return Patch(image, alpha, _rect(0, 0, width, height), "text", "\n".join(lines))
