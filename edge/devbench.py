@@ -7,6 +7,9 @@ The stages run one after another in this process, on the same frames:
 * ``codes``: the code reader on the crop of each detected region routed to it.
 * ``codes_full_frame``: the pipeline's full-frame code decode on each whole frame (one scan
   of a large frame), unless ``pipeline.full_frame_codes`` is ``never``.
+* ``ocr_document``: the text reader on up to ``DOCUMENT_FRAMES`` generated frames that an
+  invoice page fills, read whole as the pipeline reads a document, unless
+  ``pipeline.document_share`` is 0.
 * ``pipeline``: :meth:`Pipeline.stream` over the frames, as the daemon drives it, with the
   configured concurrency and with ``pipeline.reuse_unchanged`` turned off, so that every
   region is read on every frame. Past ``PIPELINE_SCENES`` frames it cycles through the first
@@ -47,7 +50,7 @@ from edge.factory import (
 )
 from edge.pipeline import MIN_REGION_SIDE, FailedFrame, crop_with_margin
 from edge.results import Frame, Image, RegionStatus
-from edge.synth import render_scene
+from edge.synth import render_document, render_scene
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +66,8 @@ _LABELS = (1, 8)
 _CODES = (0, 4)
 #: Most distinct frames the pipeline stage keeps in memory (6 MB each at 1920x1080).
 PIPELINE_SCENES = 8
+#: Most document frames the ``ocr_document`` stage reads: each is one long read.
+DOCUMENT_FRAMES = 2
 
 #: Stage names in the order they run and are printed, with what one call covers.
 STAGES = {
@@ -70,6 +75,7 @@ STAGES = {
     "ocr": "text region",
     "codes": "code region",
     "codes_full_frame": "frame",
+    "ocr_document": "document",
     "pipeline": "frame",
 }
 #: Reader name (a value of ``readers.routes``) to the stage that times its region reads.
@@ -151,6 +157,13 @@ def generate_frames(count: int, width: int, height: int) -> Iterator[Image]:
         yield render_scene(rng, width, height, labels=_LABELS, codes=_CODES).image
 
 
+def generate_documents(count: int, width: int, height: int) -> Iterator[Image]:
+    """Yield ``count`` generated document frames, the same on every call."""
+    rng = np.random.default_rng(SEED)
+    for _ in range(count):
+        yield render_document(rng, width, height).image
+
+
 def describe_device(config: Config, frame_count: int, size: tuple[int, int]) -> dict[str, Any]:
     """Return the versions, CPUs, thread settings, model and frames the figures depend on."""
     usable_cpus = len(os.sched_getaffinity(0))
@@ -177,6 +190,7 @@ def describe_device(config: Config, frame_count: int, size: tuple[int, int]) -> 
             "readers.text.rewrite_models": config.readers.text.rewrite_models,
             "pipeline.code_workers": config.pipeline.code_workers,
             "pipeline.document_share": config.pipeline.document_share,
+            "pipeline.op_timeout": config.pipeline.op_timeout,
         },
         "frames": {"count": frame_count, "width": size[0], "height": size[1], "seed": SEED},
     }
@@ -223,6 +237,11 @@ def measure_stages(
                 stages[_READER_STAGES[reader_name]].call(reader.read, crop)
             if full_frame_reader is not None:
                 stages["codes_full_frame"].call(full_frame_reader.read, image)
+        if text_reader is not None and config.pipeline.document_share > 0:
+            documents = min(frame_count, DOCUMENT_FRAMES)
+            for index, image in enumerate(generate_documents(documents, *size), start=1):
+                logger.info("timing a document read: document %d of %d", index, documents)
+                stages["ocr_document"].call(text_reader.read, image)
     finally:
         for reader in readers.values():
             reader.close()
@@ -356,6 +375,14 @@ def format_report(report: dict[str, Any]) -> str:
         "run zbar in this process. The pipeline runs it in worker processes: its times include",
         "the hand-off to them, and its CPU time leaves out what they use.",
     ]
+    document = report["stages"].get("ocr_document", {})
+    if document.get("calls"):
+        timeout = report["settings"]["pipeline.op_timeout"]
+        lines += [
+            "ocr_document is one read, on one OCR thread here, and a document read that times",
+            f"out loses all its text. pipeline.op_timeout = {timeout} s is "
+            f"{1000 * timeout / document['p95_ms']:.1f} times its p95: keep it at twice or more.",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -20,7 +20,7 @@ from edge.cli import main
 from edge.config import Config
 from edge.devbench import SEED, BenchError, frame_size
 
-STAGE_NAMES = ["detector", "ocr", "codes", "codes_full_frame", "pipeline"]
+STAGE_NAMES = ["detector", "ocr", "codes", "codes_full_frame", "ocr_document", "pipeline"]
 # The first generated scene at this size contains text, a QR code and a barcode that the default
 # detector finds, so every stage runs on one frame.
 SIZE = (960, 540)
@@ -60,7 +60,7 @@ def test_bench_json_stage_ran(report: dict[str, Any], name: str) -> None:
     assert stage["cpu_ms_per_call"] > 0
 
 
-@pytest.mark.parametrize("name", ["detector", "codes_full_frame", "pipeline"])
+@pytest.mark.parametrize("name", ["detector", "codes_full_frame", "ocr_document", "pipeline"])
 def test_bench_json_frame_stages_once(report: dict[str, Any], name: str) -> None:
     assert report["stages"][name]["calls"] == 1
 
@@ -87,6 +87,19 @@ def test_bench_json_header(report: dict[str, Any]) -> None:
     assert report["frames"] == {"count": 1, "width": SIZE[0], "height": SIZE[1], "seed": SEED}
 
 
+def test_bench_document_timeout_note(tmp_path: Path) -> None:
+    """The table compares pipeline.op_timeout with the p95 of a document read."""
+    config = tmp_path / "edge.toml"
+    config.write_text("[pipeline]\nop_timeout = 8.0\n")
+    completed = _edge(
+        "bench", "--config", str(config), "--frames", "1", "--size", f"{SIZE[0]}x{SIZE[1]}"
+    )
+    assert completed.returncode == 0, completed.stderr
+    row = next(line for line in completed.stdout.splitlines() if line.startswith("ocr_document"))
+    p95_ms = float(row.split()[4])
+    assert f"op_timeout = 8.0 s is {8_000 / p95_ms:.1f} times its p95" in completed.stdout
+
+
 def test_bench_json_ocr_models_rewritten(report: dict[str, Any]) -> None:
     assert report["ocr_models_rewritten"] is True
 
@@ -106,13 +119,16 @@ def test_bench_json_default_threads(report: dict[str, Any]) -> None:
         "readers.text.rewrite_models": True,
         "pipeline.code_workers": 1,
         "pipeline.document_share": 0.5,
+        "pipeline.op_timeout": 5.0,
     }
 
 
 def test_bench_table_names_stages_and_settings(tmp_path: Path) -> None:
     """The table run honours --config: its thread settings appear in the header."""
     config = tmp_path / "edge.toml"
-    config.write_text("[detector]\nthreads = 1\ntile_scale = 0\n[pipeline]\nconcurrency = 1\n")
+    config.write_text(
+        "[detector]\nthreads = 1\ntile_scale = 0\n[pipeline]\nconcurrency = 1\ndocument_share = 0\n"
+    )
     completed = _edge(
         "bench", "--config", str(config), "--frames", "1", "--size", f"{SIZE[0]}x{SIZE[1]}"
     )
@@ -128,6 +144,10 @@ def test_bench_table_names_stages_and_settings(tmp_path: Path) -> None:
     assert "readers.text.rewrite_models = true" in completed.stdout
     assert "OCR models: rewritten" in completed.stdout
     assert "timing the whole pipeline" in completed.stderr
+    # With documents off, their stage is listed but does not run.
+    document_row = next(line for line in lines if line.startswith("ocr_document"))
+    assert document_row.split()[2:] == ["0", "-", "-", "-"]
+    assert "op_timeout = 5.0 s is" not in completed.stdout
 
 
 @pytest.mark.parametrize("value", ["1280by720", "1280x", "x720", "32x720", "1280x20000", "-1x5"])
