@@ -170,9 +170,10 @@ class PipelineConfig:
         document_share: A frame whose text boxes (of classes routed to the ``text`` reader)
             cover at least this share of it is taken to be a document, such as a receipt or
             an invoice held up to the camera. Its text is read as one region, the whole
-            frame, with ``origin`` ``document``. The next frame of the same source and size
-            stays a document down to 0.8 of this share, so that a frame near it does not
-            switch from frame to frame. 0 turns this off.
+            frame, with ``origin`` ``document``. The next frame of the same camera or video
+            and size stays a document down to 0.8 of this share, so that the text of frames
+            near the share is not read as one region on one frame and as several on the
+            next. 0 turns this off.
     """
 
     concurrency: int = field(default=2, metadata=_bounds(1, 64))

@@ -21,6 +21,7 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
+import re
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -58,11 +59,15 @@ from edge.waitgroup import Limiter, OpHandle, OpResult, Outcome, WaitGroup
 
 logger = logging.getLogger(__name__)
 
-# After a document frame, the next frame of the same source and size is a document until its
+# After a document frame, the next frame of the same stream and size is a document until its
 # text boxes cover less than this share of document_share. Boxes shift a little from frame to
-# frame, so with one limit a frame near it would switch between one region and several, and
-# each switch defeats the reuse of unchanged regions.
+# frame, so with one limit the text of a frame near it would be read as one region, then as
+# several, and each change defeats the reuse of unchanged regions.
+# NOTE: 0.8 is a chosen margin, not a measured one: no camera's frame-to-frame box jitter
+# has been measured.
 _DOCUMENT_KEEP = 0.8
+# The simulated camera names a video frame by the video's path, "#" and the frame's index.
+_FRAME_INDEX = re.compile(r"#\d+$")
 
 FullFramePolicy = Literal["never", "always", "when_none_read"]
 
@@ -287,8 +292,8 @@ class Pipeline:
             name="edge.decoders",
         )
         self._reuse = ReuseCache() if self._options.reuse_unchanged else None
-        # Source and size of the last detected frame if it was a document (see _as_document).
-        self._document: tuple[str | None, int, int] | None = None
+        # Stream and size of the last detected frame if it was a document (see _as_document).
+        self._document: tuple[str, int, int] | None = None
         # Read stages share the group and the reuse cache, so each one begins once the
         # previous one has started all its reads.
         self._last_turn: _ReadTurn | None = None
@@ -446,8 +451,10 @@ class Pipeline:
         Returns the regions left, the whole-frame region and the regions it replaces, or the
         regions unchanged, ``None`` and no parts. The whole-frame region takes the class and
         score of the highest-scoring region it replaces. After a document frame, the next
-        frame of the same source and size is a document while its text boxes cover at least
-        ``_DOCUMENT_KEEP`` times ``document_share``. Image files are each a source of their own.
+        frame of the same stream and size is a document while its text boxes cover at least
+        ``_DOCUMENT_KEEP`` times ``document_share``. The stream is the frame's ``source``
+        without a video frame's ``#`` index: a camera or a video is one stream, and each
+        image file is one of its own. Frames with no ``source`` get no such margin.
 
         NOTE: the document is one read, so a read that times out loses all of its text. The
         read of a 2481x993 receipt took about 1 s on x86-64, and no slower board is measured.
@@ -455,12 +462,15 @@ class Pipeline:
         share = self._options.document_share
         classes = self._options.document_classes & self._routes.keys()
         parts = tuple(r for r in regions if r.class_name in classes)
-        key = (frame.source, frame.width, frame.height)
+        key = None
+        if frame.source is not None:
+            key = (_FRAME_INDEX.sub("", frame.source), frame.width, frame.height)
         last, self._document = self._document, None
         if share <= 0 or not parts:
             return regions, None, ()
         covered = _union_area([r.box for r in parts]) / (frame.width * frame.height)
-        if covered < (share * _DOCUMENT_KEEP if last == key else share):
+        keep = key is not None and key == last
+        if covered < (share * _DOCUMENT_KEEP if keep else share):
             return regions, None, ()
         self._document = key
         best = max(parts, key=lambda region: region.score)

@@ -33,7 +33,8 @@ class Frame:
         seq: Sequence number from the camera, starting at 0 and never reused while it runs.
         captured_at: Capture time as Unix time in seconds (sensor time where the camera has it).
         image: Pixels, H x W x 3, uint8, BGR channel order.
-        source: The file a simulated frame came from, or the device name; ``None`` if unknown.
+        source: The file a simulated frame came from (a video's path with ``#`` and the
+            frame's index), or the device name; ``None`` if unknown.
     """
 
     seq: int

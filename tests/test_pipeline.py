@@ -326,11 +326,10 @@ async def test_pipeline_reads_a_document_whole(
 
 
 async def test_pipeline_document_kept_near_the_share() -> None:
-    """After a document frame, a frame of the same source stays one down to 0.8 of the share.
+    """After a document frame, a frame of the same stream stays one down to 0.8 of the share.
 
     The text boxes cover 400, 320, 270 and 320 of the 720 rows: 56%, 44%, 38% and 44%, with
-    a share of 50% that a document keeps down to 40%. A frame of another source is a
-    document only from 50%.
+    a share of 50% that a document keeps down to 40%. The frames of a video are one stream.
     """
     scene = _scene(15, labels=(0, 0), codes=(0, 0))
     detector = OracleDetector(_text_boxes(1280, 400))
@@ -340,15 +339,38 @@ async def test_pipeline_document_kept_near_the_share() -> None:
     try:
         for seq, bottom in enumerate([400, 320, 270, 320], 1):
             detector.regions = _text_boxes(1280, bottom)
-            documents.append((await pipeline.detect(_frame(scene, seq))).document is not None)
-        detector.regions = _text_boxes(1280, 400)
-        assert (await pipeline.detect(_frame(scene, 5))).document is not None
-        detector.regions = _text_boxes(1280, 320)
-        other = Frame(6, time.time(), scene.image, "other.png")
-        assert (await pipeline.detect(other)).document is None
+            frame = Frame(seq, time.time(), scene.image, f"clip.mp4#{seq}")
+            documents.append((await pipeline.detect(frame)).document is not None)
     finally:
         await pipeline.aclose()
     assert documents == [True, True, False, False]
+
+
+@pytest.mark.parametrize(
+    ("source", "size"),
+    [("other.png", (720, 1280)), ("first.png", (720, 1200)), (None, (720, 1280))],
+    ids=["other source", "other size", "no source"],
+)
+async def test_pipeline_document_margin_needs_same_stream(
+    source: str | None, size: tuple[int, int]
+) -> None:
+    """A frame of another source, of another size or of no source is a document from 50%."""
+    scene = _scene(15, labels=(0, 0), codes=(0, 0))
+    detector = OracleDetector(_text_boxes(1280, 400))
+    options = PipelineOptions(document_share=0.5, document_classes=frozenset({"text"}))
+    pipeline = Pipeline(detector, {"text": RecordingTextReader()}, options=options)
+    try:
+        first = await pipeline.detect(Frame(1, time.time(), scene.image, "first.png"))
+        detector.regions = _text_boxes(1200, 320)
+        image = np.ascontiguousarray(scene.image[: size[0], : size[1]])
+        second = await pipeline.detect(Frame(2, time.time(), image, source))
+        third = await pipeline.detect(Frame(3, time.time(), scene.image, "first.png"))
+    finally:
+        await pipeline.aclose()
+    assert first.document is not None
+    assert second.document is None
+    # The frame in between was no document, so the first source has lost its margin too.
+    assert third.document is None
 
 
 async def test_pipeline_document_beside_full_frame_decode(code_reader: CodeReader) -> None:
