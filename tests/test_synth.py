@@ -13,6 +13,9 @@ import cv2
 import numpy as np
 import pytest
 
+from edge.config import load_config
+from edge.factory import build_detector
+from edge.pipeline import _union_area
 from edge.readers.text import TextReader
 from edge.synth import (
     CLASS_NAMES,
@@ -227,17 +230,36 @@ def test_render_document_small_frame_raises() -> None:
 
 
 def test_render_document_clean_text_readable() -> None:
-    """The text reader finds at least 90% of the words of a clean document frame read whole.
+    """The text reader reads at least 85% of the words of a clean document frame read whole.
 
-    Names and prices of one item line may come out as two lines, so words are compared.
+    Words of one character (quantities and the "x" before each product) are left out,
+    because they occur in many other words.
     """
     reader = TextReader(max_detect_pixels=300_000)
-    for seed in range(2):
-        scene = render_document(np.random.default_rng(seed), 960, 540, distortions=False)
-        read = " ".join(line.text for line in reader.read(scene.image).lines).lower()
-        words = [word for word in scene.objects[0].value.lower().split() if "--" not in word]
-        found = sum(word in read for word in words)
-        assert found >= 0.9 * len(words), (seed, found, len(words))
+    try:
+        for seed in range(2):
+            scene = render_document(np.random.default_rng(seed), 960, 540, distortions=False)
+            lines = reader.read(scene.image).lines
+            read = {word for line in lines for word in line.text.lower().split()}
+            value = scene.objects[0].value.lower()
+            words = [word for word in value.split() if len(word) > 1 and "--" not in word]
+            found = sum(word in read for word in words)
+            assert found >= 0.85 * len(words), (seed, found, len(words))
+    finally:
+        reader.close()
+
+
+def test_render_document_detected_as_document() -> None:
+    """The default detector's text boxes cover at least half of a document frame."""
+    detector = build_detector(load_config(None))
+    try:
+        for seed, size in [(0, (1280, 720)), (1, (960, 540))]:
+            scene = render_document(np.random.default_rng(seed), *size)
+            regions, _ = detector.detect_counted(scene.image)
+            boxes = [region.box for region in regions if region.class_name == "text"]
+            assert _union_area(boxes) >= 0.5 * size[0] * size[1], seed
+    finally:
+        detector.close()
 
 
 def test_render_scene_clean_text_readable() -> None:

@@ -318,9 +318,10 @@ def render_document(
     """Render an invoice page held up to the camera, filling most of the frame.
 
     The page spans 88% to 98% of each side of the frame and is turned by up to 2 degrees.
-    The default detector's text boxes covered half or more of each of 24 such frames of
-    three sizes, so the pipeline read them whole, as documents. With ``distortions``, the
-    frame gets the same distortions as in ``render_scene``.
+    With ``distortions``, the frame gets the same distortions as in ``render_scene``. The
+    default detector's text boxes covered 53% to 92% of each of 32 such frames (seeds 0 to 7
+    at 640x480, 960x540, 1280x720 and 1920x1080), so the pipeline read them as documents.
+    Without distortions, one of the 32 was covered 45%.
 
     Raises:
         ValueError: when the frame is under 64 pixels on a side.
