@@ -89,18 +89,32 @@ def test_bench_json_header(report: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("p95_ms", "ratio", "warned"),
-    [(500.0, "10.0", False), (2_600.0, "1.9", True)],
+    ("p95_ms", "ratio", "raise_to"),
+    [(500.0, "10.0", None), (2_600.0, "1.9", "5.2"), (2_480.0, "2.0", None)],
 )
 def test_bench_document_timeout_note(
-    report: dict[str, Any], p95_ms: float, ratio: str, warned: bool
+    report: dict[str, Any], p95_ms: float, ratio: str, raise_to: str | None
 ) -> None:
-    """The table compares pipeline.op_timeout with the p95 of a document read."""
+    """The table compares pipeline.op_timeout with the p95 of a document read.
+
+    The ratio is rounded before the comparison, so a printed 2.0 asks for nothing.
+    """
     changed = copy.deepcopy(report)
     changed["stages"]["ocr_document"]["p95_ms"] = p95_ms
     table = format_report(changed)
     assert f"pipeline.op_timeout = 5.0 s is {ratio} times the p95 of ocr_document." in table
-    assert ("Raise pipeline.op_timeout" in table) is warned
+    if raise_to is None:
+        assert "Raise pipeline.op_timeout" not in table
+    else:
+        assert f"frame_deadline with it, to at least {raise_to} s" in table
+
+
+def test_bench_json_document_timeout(report: dict[str, Any]) -> None:
+    """The JSON carries the op_timeout check of the table."""
+    p95_seconds = report["stages"]["ocr_document"]["p95_ms"] / 1000
+    check = report["document_timeout"]
+    assert check["op_timeout_over_p95"] == round(5.0 / p95_seconds, 1)
+    assert (check["raise_to_seconds"] is None) is (check["op_timeout_over_p95"] >= 2)
 
 
 @pytest.mark.parametrize("p95_ms", [None, 0.0])
@@ -131,6 +145,7 @@ def test_bench_json_default_threads(report: dict[str, Any]) -> None:
         "pipeline.code_workers": 1,
         "pipeline.document_share": 0.5,
         "pipeline.op_timeout": 5.0,
+        "pipeline.frame_deadline": 10.0,
     }
 
 
