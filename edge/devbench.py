@@ -366,11 +366,12 @@ def format_report(report: dict[str, Any]) -> str:
     pipeline = report["pipeline"]
     lines = [
         f"edge {report['edge_version']}, Python {report['python_version']}, "
-        f"{report['machine']}, {report['cpus_usable']} usable CPUs of {report['cpus_total']}",
+        f"{report['machine']}, {_count(report['cpus_usable'], 'usable CPU')} of "
+        f"{report['cpus_total']}",
         f"onnxruntime {report['onnxruntime_version']}, available providers: "
         + ", ".join(report["onnxruntime_providers"]),
         f"threads: detector.threads = {threads['detector.threads']} "
-        f"({threads['detector_intra_op_threads']} intra-op threads), "
+        f"({_count(threads['detector_intra_op_threads'], 'intra-op thread')}), "
         f"readers.text.threads = {threads['readers.text.threads']}, "
         f"pipeline.concurrency = {threads['pipeline.concurrency']}, "
         f"OpenCV threads = {threads['opencv_threads']}",
@@ -378,7 +379,8 @@ def format_report(report: dict[str, Any]) -> str:
         "speed settings: "
         + ", ".join(f"{key} = {_toml(value)}" for key, value in report["settings"].items()),
         f"OCR models: {_ocr_models(report.get('ocr_models_rewritten'))}",
-        f"frames: {frames['count']} generated scenes of {frames['width']}x{frames['height']} "
+        f"frames: {_count(frames['count'], 'generated scene')} of "
+        f"{frames['width']}x{frames['height']} "
         f"(seed {frames['seed']})",
         "",
         f"{'stage':<18}{'per':<13}{'calls':>6}{'mean ms':>10}{'p95 ms':>10}{'CPU ms/call':>13}",
@@ -401,6 +403,13 @@ def format_report(report: dict[str, Any]) -> str:
         "run zbar in this process. The pipeline runs it in worker processes: its times include",
         "the hand-off to them, and its CPU time leaves out what they use.",
     ]
+    if report["stages"].get("ocr_document", {}).get("calls") == 0:
+        reason = (
+            "pipeline.document_share = 0"
+            if report["settings"]["pipeline.document_share"] == 0
+            else "no class is routed to the text reader"
+        )
+        lines.append(f"ocr_document did not run: {reason}.")
     check = document_timeout(report)
     if check is not None:
         timeout = report["settings"]["pipeline.op_timeout"]
@@ -415,6 +424,11 @@ def format_report(report: dict[str, Any]) -> str:
                 f"{check['raise_to_seconds']:.1f} s, because the daemon's reads share the cores."
             )
     return "\n".join(lines) + "\n"
+
+
+def _count(number: int, noun: str) -> str:
+    """Return ``number`` with ``noun``, adding an s unless the number is 1."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _milliseconds(value: float | None) -> str:

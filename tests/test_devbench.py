@@ -117,6 +117,19 @@ def test_bench_json_document_timeout(report: dict[str, Any]) -> None:
     assert (check["raise_to_seconds"] is None) is (check["op_timeout_over_p95"] >= 2)
 
 
+@pytest.mark.parametrize(
+    ("share", "reason"),
+    [(0.0, "pipeline.document_share = 0"), (0.5, "no class is routed to the text reader")],
+)
+def test_bench_document_row_says_why_skipped(
+    report: dict[str, Any], share: float, reason: str
+) -> None:
+    changed = copy.deepcopy(report)
+    changed["settings"]["pipeline.document_share"] = share
+    changed["stages"]["ocr_document"].update(calls=0, p95_ms=None)
+    assert f"ocr_document did not run: {reason}." in format_report(changed)
+
+
 @pytest.mark.parametrize("p95_ms", [None, 0.0])
 def test_bench_document_note_needs_p95(report: dict[str, Any], p95_ms: float | None) -> None:
     """With no document read, or none that took time, the table has no op_timeout line."""
@@ -164,7 +177,8 @@ def test_bench_table_names_stages_and_settings(tmp_path: Path) -> None:
     for name in STAGE_NAMES:
         assert name in first_words, name
     assert f"onnxruntime {onnxruntime.__version__}" in completed.stdout
-    assert "detector.threads = 1 (1 intra-op threads)" in completed.stdout
+    assert "detector.threads = 1 (1 intra-op thread)" in completed.stdout
+    assert "frames: 1 generated scene of 960x540" in completed.stdout
     assert "pipeline.concurrency = 1" in completed.stdout
     assert "detector.tile_scale = 0.0" in completed.stdout
     assert "readers.text.rewrite_models = true" in completed.stdout
@@ -173,6 +187,7 @@ def test_bench_table_names_stages_and_settings(tmp_path: Path) -> None:
     # With documents off, their stage is listed but does not run.
     document_row = next(line for line in lines if line.startswith("ocr_document"))
     assert document_row.split()[2:] == ["0", "-", "-", "-"]
+    assert "ocr_document did not run: pipeline.document_share = 0." in completed.stdout
     assert "times the p95 of ocr_document" not in completed.stdout
 
 
