@@ -355,7 +355,8 @@ def document_timeout(report: dict[str, Any]) -> dict[str, float | None] | None:
     if not document.get("calls") or not p95_ms:
         return None
     ratio = round(1000 * report["settings"]["pipeline.op_timeout"] / p95_ms, 1)
-    raise_to = math.ceil(2 * p95_ms / 100) / 10 if ratio < _DOCUMENT_TIMEOUT_FACTOR else None
+    needed = math.ceil(_DOCUMENT_TIMEOUT_FACTOR * p95_ms / 100) / 10
+    raise_to = needed if ratio < _DOCUMENT_TIMEOUT_FACTOR else None
     return {"op_timeout_over_p95": ratio, "raise_to_seconds": raise_to}
 
 
