@@ -16,7 +16,6 @@ from typing import Any
 from edge import __version__
 from edge.config import Config, load_config, parse_config
 from edge.errors import ConfigError, EdgeError
-from edge.images import use_one_opencv_thread
 from edge.memory import HEAP_ARENAS, limit_heap_arenas
 from edge.notify import Notifier
 from edge.signals import SignalInbox
@@ -205,6 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Before any thread starts: onnxruntime, the readers and the pipeline create theirs later.
     if limit_heap_arenas():
         logger.debug("threads share at most %d glibc heaps", HEAP_ARENAS)
+    # Imported here, not at the top: a worker process started with "spawn" runs the `edge`
+    # script's imports again, and code-reading workers do not need OpenCV.
+    from edge.images import use_one_opencv_thread
+
     use_one_opencv_thread()
     try:
         if args.command == "scan":

@@ -22,14 +22,66 @@ group belongs to the first event loop that uses it. Only ``done_threadsafe()``,
 ``cancel_threadsafe()`` and ``stats()`` may be called from other threads.
 """
 
-from edge.waitgroup._context import OpContext, current_op
-from edge.waitgroup._errors import DeadlineExceeded, WorkerDied
-from edge.waitgroup._group import WaitGroup
-from edge.waitgroup._limiter import Limiter, SlotLimiter
-from edge.waitgroup._op import OpHandle
-from edge.waitgroup._options import OnError
-from edge.waitgroup._process import StartMethod
-from edge.waitgroup._types import Kind, OpResult, Outcome, Reason, Report, Stats, TimingStats
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edge.waitgroup._context import OpContext, current_op
+    from edge.waitgroup._errors import DeadlineExceeded, WorkerDied
+    from edge.waitgroup._group import WaitGroup
+    from edge.waitgroup._limiter import Limiter, SlotLimiter
+    from edge.waitgroup._op import OpHandle
+    from edge.waitgroup._options import OnError
+    from edge.waitgroup._process import StartMethod
+    from edge.waitgroup._types import (
+        Kind,
+        OpResult,
+        Outcome,
+        Reason,
+        Report,
+        Stats,
+        TimingStats,
+    )
+
+# The names below are imported on first use. A worker process imports this package to run
+# its jobs (edge.waitgroup._worker), and needs neither asyncio nor the group: importing them
+# all took about 10 MB of resident memory in each worker.
+_MODULES = {
+    "OpContext": "_context",
+    "current_op": "_context",
+    "DeadlineExceeded": "_errors",
+    "WorkerDied": "_errors",
+    "WaitGroup": "_group",
+    "Limiter": "_limiter",
+    "SlotLimiter": "_limiter",
+    "OpHandle": "_op",
+    "OnError": "_options",
+    "StartMethod": "_process",
+    "Kind": "_types",
+    "OpResult": "_types",
+    "Outcome": "_types",
+    "Reason": "_types",
+    "Report": "_types",
+    "Stats": "_types",
+    "TimingStats": "_types",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _MODULES.get(name)
+    if module is None:
+        msg = f"module {__name__!r} has no attribute {name!r}"
+        raise AttributeError(msg)
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_MODULES])
+
 
 __all__ = [
     "DeadlineExceeded",
