@@ -59,6 +59,8 @@ from edge.results import Frame, FrameResult  # noqa: E402
 from edge.synth import render_scene  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "corpus"
+SET_NAMES = ("720p", "1080p", "static", "corpus")
+MODE_NAMES = ("naive", "sequential", "pipeline")
 
 
 @dataclass
@@ -367,6 +369,9 @@ def frame_sets(args: argparse.Namespace) -> dict[str, list[Sample]]:
         found = corpus(args.corpus_limit)
         if found:
             sets["corpus"] = found
+        else:
+            manifest = CORPUS / "MANIFEST.jsonl"
+            print(f"corpus set skipped: {manifest} not found", file=sys.stderr)
     return sets
 
 
@@ -473,8 +478,8 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=20, help="generated frames per size")
     parser.add_argument("--static", type=int, default=60, help="frames of the static scene")
     parser.add_argument("--corpus-limit", type=int, help="only the first N corpus images")
-    parser.add_argument("--sets", default="720p,1080p,static,corpus")
-    parser.add_argument("--modes", default="naive,sequential,pipeline")
+    parser.add_argument("--sets", default=",".join(SET_NAMES), help="comma-separated frame sets")
+    parser.add_argument("--modes", default=",".join(MODE_NAMES), help="comma-separated modes")
     parser.add_argument(
         "--rounds", type=int, default=1, help="passes over each set, the modes taking turns"
     )
@@ -488,7 +493,17 @@ def main() -> int:
         help="skip the memory measurement of edge run in a child process",
     )
     args = parser.parse_args()
+    for option, given, known in (
+        ("--sets", args.sets, SET_NAMES),
+        ("--modes", args.modes, MODE_NAMES),
+    ):
+        unknown = sorted(set(given.split(",")) - set(known))
+        if unknown:
+            parser.error(f"{option}: unknown {unknown}, choose from {','.join(known)}")
     table = asyncio.run(main_async(args))
+    if not table:
+        print("no frame set to measure: see the lines above", file=sys.stderr)
+        return 2
     print_table(table)
     plot(table, args.plot)
     print(f"plot written to {args.plot}")
