@@ -161,12 +161,12 @@ class PipelineConfig:
         code_workers: Worker processes that decode codes; 0 means one per concurrent read.
             Values above ``concurrency`` act as ``concurrency``, since workers start when a
             read needs one.
-            Each one takes about 45 to 60 MB, and up to about 100 MB while it decodes a
-            large frame. Code reads wait for a free worker without holding one of the
-            ``concurrency`` read slots, so text reads go on meanwhile, and their timeout
-            starts when they get a worker and a slot. Two workers gave 19% more frames per
-            second on the real-image corpus (2-core x86-64), but took the daemon's peak
-            there to 435 MB, so one is the default, within the memory budget.
+            Each one takes about 36 to 42 MB resident between reads, and up to about 60 MB
+            while it decodes a large frame (x86-64). Code reads wait for a free worker
+            without holding one of the ``concurrency`` read slots, so text reads go on
+            meanwhile, and their timeout starts when they get a worker and a slot. On the
+            real-image corpus (2-core x86-64), two workers gave no measurable gain in frames
+            per second over one, and raised the daemon's peak by 32 to 55 MB.
         document_share: A frame whose text boxes (of classes routed to the ``text`` reader)
             cover at least this share of it is taken to be a document, such as a receipt or
             an invoice held up to the camera. Its text is read as one region, the whole
