@@ -371,7 +371,7 @@ def frame_sets(args: argparse.Namespace) -> dict[str, list[Sample]]:
             sets["corpus"] = found
         else:
             manifest = CORPUS / "MANIFEST.jsonl"
-            print(f"corpus set skipped: {manifest} not found", file=sys.stderr)
+            print(f"corpus set skipped: {manifest} is missing or empty", file=sys.stderr)
     return sets
 
 
@@ -381,6 +381,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, dict[str, dict[str, 
     import cv2
 
     sets = frame_sets(args)
+    if not sets:
+        return {}
     modes = args.modes.split(",")
     total = sum(len(s) for s in sets.values()) * len(modes) * args.rounds
     config = load_config(args.config)
