@@ -165,8 +165,8 @@ class PipelineConfig:
             while it decodes a large frame (x86-64). Code reads wait for a free worker
             without holding one of the ``concurrency`` read slots, so text reads go on
             meanwhile, and their timeout starts when they get a worker and a slot. On the
-            real-image corpus (2-core x86-64), two workers gave no measurable gain in frames
-            per second over one, and raised the daemon's peak by 32 to 55 MB.
+            real-image corpus (2-core x86-64), a second worker's effect on speed stayed within
+            the spread of runs, and it raised the daemon's peak by 32 to 55 MB.
         document_share: A frame whose text boxes (of classes routed to the ``text`` reader)
             cover at least this share of it is taken to be a document, such as a receipt or
             an invoice held up to the camera. Its text is read as one region, the whole
