@@ -280,6 +280,32 @@ def test_otsu_matches_opencv(seed: int) -> None:
     assert np.array_equal(codes._otsu(image), expected)
 
 
+def test_otsu_two_pixel_image_matches_opencv() -> None:
+    """An image two pixels high gets OpenCV's border handling in the Otsu retry."""
+    image = as_image(np.random.default_rng(0).integers(0, 256, (2, 600), dtype=np.uint8))
+    blurred = cv2.GaussianBlur(image, (3, 3), 0)
+    _, expected = cv2.threshold(blurred, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
+    assert np.array_equal(codes._otsu(image), expected)
+
+
+@pytest.mark.parametrize("shape", [(1, 600), (600, 1), (1, 600, 3)])
+def test_decode_codes_one_pixel_thin_image(shape: tuple[int, ...]) -> None:
+    """A crop one pixel thin runs every retry, including Otsu, and finds nothing."""
+    image = as_image(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8))
+    assert decode_codes(image, try_harder=True).empty
+    assert set(np.unique(codes._otsu(codes.to_grey(image)))) <= {0, 255}
+
+
+def test_darkest_channel_of_transposed_view() -> None:
+    """A transposed view gives a row-major darkest channel, as zbar needs."""
+    image = as_image(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8))
+    view = image.transpose(1, 0, 2)
+    darkest = codes._darkest_channel(view)
+    assert darkest is not None
+    assert darkest.flags.c_contiguous
+    assert np.array_equal(darkest, view.min(axis=2))
+
+
 def test_decode_codes_ean13_check_digit() -> None:
     """An EAN-13 barcode decodes to its 13 digits with a valid check digit."""
     image, full = render_ean13("400638133393")
