@@ -204,8 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Before any thread starts: onnxruntime, the readers and the pipeline create theirs later.
     if limit_heap_arenas():
         logger.debug("threads share at most %d glibc heaps", HEAP_ARENAS)
-    # Imported here, not at the top: a worker process started with "spawn" runs the `edge`
-    # script's imports again, and code-reading workers do not need OpenCV.
+    # Imported here, not at the top, so that importing edge.cli does not load OpenCV. An
+    # `edge` script installed before edge.__main__.run was its entry point imports edge.cli
+    # in every worker process.
     from edge.images import use_one_opencv_thread
 
     use_one_opencv_thread()

@@ -69,18 +69,20 @@ _MODULES = {
 }
 
 
-def __getattr__(name: str) -> object:
-    module = _MODULES.get(name)
-    if module is None:
-        msg = f"module {__name__!r} has no attribute {name!r}"
-        raise AttributeError(msg)
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+# Hidden from mypy, which would otherwise type a misspelt name as this function's result.
+if not TYPE_CHECKING:
 
+    def __getattr__(name: str) -> object:
+        module = _MODULES.get(name)
+        if module is None:
+            msg = f"module {__name__!r} has no attribute {name!r}"
+            raise AttributeError(msg)
+        value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+        globals()[name] = value
+        return value
 
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_MODULES])
+    def __dir__() -> list[str]:
+        return sorted({*globals(), *_MODULES})
 
 
 __all__ = [
