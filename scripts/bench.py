@@ -8,11 +8,14 @@ Modes:
 
 Frame sets: generated scenes at 1280x720 and 1920x1080 with 1 to 8 labels and 0 to 4 codes, a
 static scene (one generated frame repeated, as a fixed camera sees most of the time), and the
-real images of ../shared/corpus. For each mode and set it prints frames per second, latency p50
-and p95, CPU seconds per frame (this process and its worker processes), peak resident memory
-while the mode ran, codes decoded and OCR word recall (spaces ignored, see scripts/evaluate.py).
-Before each pass, the pipeline modes read a warm-up frame. For the static scene it is the scene
-itself, which a fixed camera has seen before, so its figures are those of the steady state.
+real images of ../shared/corpus. Two more sets, not run by default, split the corpus so that
+the ratios of its two kinds of image can be compared: ``corpus-codes`` contains its QR code and
+barcode images, ``corpus-text`` its text images. For each mode and set it prints frames per
+second, latency p50 and p95, CPU seconds per frame (this process and its worker processes),
+peak resident memory while the mode ran, codes decoded and OCR word recall (spaces ignored,
+see scripts/evaluate.py). Before each pass, the pipeline modes read a warm-up frame. For the
+static scene it is the scene itself, which a fixed camera has seen before, so its figures are
+those of the steady state.
 
 The modes take turns on each set, and ``--rounds N`` repeats that N times, adding up the
 passes. So a drift of the machine's speed during the run affects the modes alike.
@@ -59,7 +62,8 @@ from edge.results import Frame, FrameResult  # noqa: E402
 from edge.synth import render_scene  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "corpus"
-SET_NAMES = ("720p", "1080p", "static", "corpus")
+DEFAULT_SETS = ("720p", "1080p", "static", "corpus")
+SET_NAMES = (*DEFAULT_SETS, "corpus-codes", "corpus-text")
 MODE_NAMES = ("naive", "sequential", "pipeline")
 
 
@@ -166,7 +170,8 @@ def generated(count: int, width: int, height: int, seed: int) -> list[Sample]:
     return samples
 
 
-def corpus(limit: int | None) -> list[Sample]:
+def corpus(limit: int | None, kind: str | None = None) -> list[Sample]:
+    """Load the first ``limit`` corpus images; with ``kind``, those of "text" or "codes" only."""
     import cv2
 
     path = CORPUS / "MANIFEST.jsonl"
@@ -175,6 +180,8 @@ def corpus(limit: int | None) -> list[Sample]:
     entries = [json.loads(line) for line in path.read_text("utf-8").splitlines()]
     samples = []
     for entry in entries[:limit] if limit else entries:
+        if kind is not None and (entry["kind"] == "text") != (kind == "text"):
+            continue
         image = cv2.imread(str(CORPUS / entry["file"]), cv2.IMREAD_COLOR)
         if entry["kind"] == "text":
             words = [w for text in entry["expected"] for w in text.split()]
@@ -365,13 +372,17 @@ def frame_sets(args: argparse.Namespace) -> dict[str, list[Sample]]:
     if "static" in wanted:
         base = generated(1, 1280, 720, seed=3)[0]
         sets["static"] = [base] * args.static
-    if "corpus" in wanted:
-        found = corpus(args.corpus_limit)
+    for name, kind in (("corpus", None), ("corpus-codes", "codes"), ("corpus-text", "text")):
+        if name not in wanted:
+            continue
+        found = corpus(args.corpus_limit, kind)
         if found:
-            sets["corpus"] = found
+            sets[name] = found
         else:
             manifest = CORPUS / "MANIFEST.jsonl"
-            print(f"corpus set skipped: {manifest} is missing or empty", file=sys.stderr)
+            print(
+                f"{name} set skipped: {manifest} is missing or lists no such image", file=sys.stderr
+            )
     return sets
 
 
@@ -429,8 +440,18 @@ async def main_async(args: argparse.Namespace) -> dict[str, dict[str, dict[str, 
     return table
 
 
+def _share(value: float) -> str:
+    """Format a share as a percentage, or a dash for a set with nothing of that kind."""
+    return "-" if np.isnan(value) else f"{100 * value:.0f}%"
+
+
+def _ratio(value: float) -> str:
+    return "-" if np.isnan(value) else f"{value:.2f}"
+
+
 def print_table(table: dict[str, dict[str, dict[str, float]]]) -> None:
-    header = f"{'set':<8}{'mode':<12}{'fps':>7}{'p50 ms':>9}{'p95 ms':>9}{'cpu s/f':>9}"
+    width = max([len("set"), *map(len, table)]) + 2
+    header = f"{'set':<{width}}{'mode':<12}{'fps':>7}{'p50 ms':>9}{'p95 ms':>9}{'cpu s/f':>9}"
     print(header + f"{'peak MB':>9}{'codes':>8}{'words':>8}{'x naive':>9}{'x seq':>7}")
     for name, modes in table.items():
         naive_fps = modes.get("naive", {}).get("fps")
@@ -441,16 +462,17 @@ def print_table(table: dict[str, dict[str, dict[str, float]]]) -> None:
             ratio = row["fps"] / naive_fps if naive_fps else float("nan")
             versus_sequential = row["fps"] / sequential_fps if sequential_fps else float("nan")
             print(
-                f"{name:<8}{mode:<12}{row['fps']:>7.2f}{row['p50_ms']:>9.0f}{row['p95_ms']:>9.0f}"
-                f"{row['cpu_s_per_frame']:>9.2f}{row['peak_rss_mb']:>9.0f}"
-                f"{100 * row['codes']:>7.0f}%{100 * row['word_recall']:>7.0f}%{ratio:>9.2f}"
-                f"{versus_sequential:>7.2f}"
+                f"{name:<{width}}{mode:<12}{row['fps']:>7.2f}{row['p50_ms']:>9.0f}"
+                f"{row['p95_ms']:>9.0f}{row['cpu_s_per_frame']:>9.2f}{row['peak_rss_mb']:>9.0f}"
+                f"{_share(row['codes']):>8}{_share(row['word_recall']):>8}{_ratio(ratio):>9}"
+                f"{_ratio(versus_sequential):>7}"
             )
     daemon_rows = [(name, modes["daemon"]) for name, modes in table.items() if "daemon" in modes]
     if daemon_rows:
         print("\ndaemon alone (edge run in a child process), peak memory of its process tree:")
         for name, row in daemon_rows:
-            print(f"{name:<8}RSS {row['peak_rss_mb']:>6.0f} MB   PSS {row['peak_pss_mb']:>6.0f} MB")
+            rss, pss = row["peak_rss_mb"], row["peak_pss_mb"]
+            print(f"{name:<{width}}RSS {rss:>6.0f} MB   PSS {pss:>6.0f} MB")
 
 
 def plot(table: dict[str, dict[str, dict[str, float]]], path: Path) -> None:
@@ -480,7 +502,7 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=20, help="generated frames per size")
     parser.add_argument("--static", type=int, default=60, help="frames of the static scene")
     parser.add_argument("--corpus-limit", type=int, help="only the first N corpus images")
-    parser.add_argument("--sets", default=",".join(SET_NAMES), help="comma-separated frame sets")
+    parser.add_argument("--sets", default=",".join(DEFAULT_SETS), help="comma-separated frame sets")
     parser.add_argument("--modes", default=",".join(MODE_NAMES), help="comma-separated modes")
     parser.add_argument(
         "--rounds", type=int, default=1, help="passes over each set, the modes taking turns"
