@@ -158,6 +158,7 @@ class PipelineConfig:
             frame of over 500,000 pixels is scanned once, without the retries of regions.
         reuse_unchanged: Repeat the previous frame's reading of a region whose box and pixels
             did not change, instead of reading it again. Such regions are marked ``reused``.
+            The full-frame code decode's reading is repeated when no tile of the frame changed.
         code_workers: Worker processes that decode codes; 0 means one per concurrent read.
             Values above ``concurrency`` act as ``concurrency``, since workers start when a
             read needs one.

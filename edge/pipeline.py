@@ -54,7 +54,7 @@ from edge.results import (
     RegionStatus,
     TextLine,
 )
-from edge.reuse import CachedRead, ReuseCache, Signature, signature
+from edge.reuse import CachedRead, ReuseCache, Signature, frame_signature, signature
 from edge.waitgroup import Limiter, OpHandle, OpResult, Outcome, WaitGroup
 
 logger = logging.getLogger(__name__)
@@ -68,6 +68,9 @@ logger = logging.getLogger(__name__)
 _DOCUMENT_KEEP = 0.8
 # The simulated camera names a video frame by the video's path, "#" and the frame's index.
 _FRAME_INDEX = re.compile(r"#\d+$")
+# Reuse cache key of the full-frame code decode. Its leading NUL sets it apart from the
+# detector's class names.
+_FULL_FRAME_KEY = "\0full frame"
 
 FullFramePolicy = Literal["never", "always", "when_none_read"]
 
@@ -542,37 +545,58 @@ class Pipeline:
             jobs.append(self._document_job(frame, detected.document, detected.parts))
         if previous is not None and any(job.pending is not None for job in jobs):
             # The previous frame's reads of these pixels end before its entries are final.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(deadline):
-                    await previous.ended.wait()
+            await self._until_ended(previous, deadline)
             jobs = [self._with_reuse(job) if job.pending is not None else job for job in jobs]
-        entries = self._remember(jobs)
         policy = self._options.full_frame_codes
         code_name = self._code_reader.name if self._code_reader is not None else None
         code_classes = {c for c, r in self._routes.items() if r.name == code_name}
         has_code_region = any(r.class_name in code_classes for r in regions)
+        code_jobs = [job for job in jobs if job.region.class_name in code_classes]
         # With no code region detected, the full-frame decode cannot be made redundant by a
         # region read, so it starts at once beside them instead of after them.
         early_fallback = self._code_reader is not None and (
             policy == "always" or (policy == "when_none_read" and not has_code_region)
         )
-        if early_fallback:
-            jobs.append(self._full_frame_job(frame))
         # A full-frame decode follows the code region reads when none of them finds a code.
-        code_jobs = [job for job in jobs if job.region.class_name in code_classes]
-        late = None
-        if (
+        late_fallback = (
             not early_fallback
             and policy == "when_none_read"
             and has_code_region
             and not any(job.reused is not None and job.reused.codes for job in code_jobs)
-        ):
-            late = (self._full_frame_job(frame), code_jobs)
+        )
+        full_frame = None
+        if early_fallback or late_fallback:
+            full_frame = self._full_frame_job(frame)
+            if previous is not None and full_frame.pending is not None:
+                await self._until_ended(previous, deadline)
+                full_frame = self._with_reuse(full_frame)
+        entries = self._remember(jobs if full_frame is None else [*jobs, full_frame])
+        late = None
+        if early_fallback and full_frame is not None:
+            jobs.append(full_frame)
+        elif late_fallback and full_frame is not None and full_frame.reused is None:
+            late = (full_frame, code_jobs)
         outcomes = await self._run(frame, jobs, deadline, turn, previous, late=late)
         if late is not None and id(late[0]) in outcomes:
             jobs.append(late[0])
+        elif (
+            late_fallback
+            and full_frame is not None
+            and full_frame.reused is not None
+            and not any(_found_code(job, outcomes) for job in code_jobs)
+        ):
+            # The frame did not change, so the decode's last reading is still valid as long as
+            # the code regions, read again or not, find no code.
+            jobs.append(full_frame)
         self._resolve(entries, outcomes)
         return _split_full_frame(_assemble(jobs, outcomes))
+
+    @staticmethod
+    async def _until_ended(previous: _ReadTurn, deadline: float) -> None:
+        """Wait until the previous frame's reads end, or until ``deadline``."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                await previous.ended.wait()
 
     def _with_reuse(self, job: _Job) -> _Job:
         """Attach the crop's signature and, if its pixels did not change, the old reading.
@@ -584,7 +608,7 @@ class Pipeline:
         if self._reuse is None or job.reader is None or job.crop is None:
             return job
         crop_signature = job.signature if job.signature is not None else signature(job.crop)
-        cached = self._reuse.lookup(job.region.class_name, job.region.box, crop_signature)
+        cached = self._reuse.lookup(_reuse_key(job), job.region.box, crop_signature)
         if cached is None:
             return replace(job, signature=crop_signature, pending=None)
         if cached.pending:
@@ -602,7 +626,7 @@ class Pipeline:
         for job in jobs:
             if job.signature is not None:
                 entry = self._reuse.store(
-                    job.region.class_name, job.region.box, job.signature, job.reused
+                    _reuse_key(job), job.region.box, job.signature, job.reused
                 )
                 if entry.pending:
                     entries[id(job)] = entry
@@ -642,11 +666,17 @@ class Pipeline:
         return self._with_reuse(job)
 
     def _full_frame_job(self, frame: Frame) -> _Job:
+        """Return the full-frame decode's job, with the last decode's reading if still valid.
+
+        Its reuse signature stacks those of the frame's tiles (see ``frame_signature``): one
+        of the whole frame missed a small code that appeared or changed.
+        """
         box = Box(0, 0, frame.width, frame.height)
         region = Region("frame", 1.0, box)
-        # NOTE: no reuse here. A 64x64 signature of a whole frame misses a small code that
-        # appears or changes, so the full-frame decode runs on every frame that needs it.
-        return _Job(region, self._code_reader, Origin.FULL_FRAME, frame.image)
+        job = _Job(region, self._code_reader, Origin.FULL_FRAME, frame.image)
+        if self._reuse is None:
+            return job
+        return self._with_reuse(replace(job, signature=frame_signature(frame.image)))
 
     async def _run(
         self,
@@ -967,6 +997,19 @@ def _region_result(job: _Job, reader: str, op: OpResult[Reading] | None) -> Regi
     return RegionResult(
         job.region, reader, RegionStatus.ERROR, elapsed_ms=elapsed, origin=job.origin, error=error
     )
+
+
+def _reuse_key(job: _Job) -> str:
+    """Return the key of a job's entries in the reuse cache: its class, or the full frame's."""
+    return _FULL_FRAME_KEY if job.origin is Origin.FULL_FRAME else job.region.class_name
+
+
+def _found_code(job: _Job, outcomes: Mapping[int, OpResult[Reading] | None]) -> bool:
+    """Return whether a job's reading, reused or read now, has a code."""
+    if job.reused is not None:
+        return bool(job.reused.codes)
+    op = outcomes.get(id(job))
+    return op is not None and op.value is not None and bool(op.value.codes)
 
 
 def _split_full_frame(results: list[RegionResult]) -> list[RegionResult]:

@@ -7,9 +7,11 @@ same box and its signature still matches.
 
 A signature is the crop shrunk to ``SIGNATURE_SIDE`` square pixels with area averaging, which
 smooths sensor noise. The signatures of several crops can be stacked into one, row-wise, for a
-reading made of them all. Two signatures match when fewer than ``changed_share`` of their pixels
-differ by more than ``pixel_tolerance`` grey levels; a changed digit on a label covers more than
-that share of its signature.
+reading made of them all. A whole frame's signature stacks those of its tiles (see
+:func:`frame_signature`), so that a small code appearing anywhere in it changes one tile. Two
+signatures match when fewer than ``changed_share`` of their pixels differ by more than
+``pixel_tolerance`` grey levels; a changed digit on a label covers more than that share of its
+signature.
 
 Frames overlap: the next frame's regions are looked up while this frame's reads still run. So
 a region is stored when its read starts, as pending, and :meth:`ReuseCache.resolve` fills in
@@ -29,6 +31,9 @@ from edge.results import Box, Image, Reading
 
 #: Side in pixels of the square grey-scale signature of a crop.
 SIGNATURE_SIDE = 64
+#: Largest tile side in pixels of a frame signature, so that one signature pixel averages at
+#: most 4 x 4 frame pixels.
+FRAME_TILE_SIDE = 256
 
 Signature = npt.NDArray[np.int16]
 
@@ -60,6 +65,24 @@ def signature(image: Image) -> Signature:
     grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
     small = cv2.resize(grey, (SIGNATURE_SIDE, SIGNATURE_SIDE), interpolation=cv2.INTER_AREA)
     return small.astype(np.int16)
+
+
+def frame_signature(image: Image) -> Signature:
+    """Return the stacked signatures of the tiles of a whole frame, in row-major tile order.
+
+    The frame is cut into a grid of equal tiles with sides of at most ``FRAME_TILE_SIDE``
+    pixels. The smallest QR code has 21 modules, and zbar needs about 2 pixels per module
+    (an estimate), so a readable code covers at least about 10 x 10 signature pixels of a
+    tile, where ``ReuseCache``'s default changed share is about 8 of its 4096.
+    """
+    grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    height, width = grey.shape
+    rows, columns = -(-height // FRAME_TILE_SIDE), -(-width // FRAME_TILE_SIDE)
+    side = SIGNATURE_SIDE
+    # One area-averaging resize to the whole grid, then each tile's block as one signature.
+    small = cv2.resize(grey, (columns * side, rows * side), interpolation=cv2.INTER_AREA)
+    tiles = small.reshape(rows, side, columns, side).transpose(0, 2, 1, 3)
+    return tiles.reshape(rows * columns * side, side).astype(np.int16)
 
 
 def box_iou(a: Box, b: Box) -> float:

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import pytest
+import segno
 
 from edge.pipeline import Pipeline, PipelineOptions
 from edge.readers.base import Cancellation, Reader
 from edge.readers.codes import decode_codes
-from edge.results import Box, Frame, Image, Reading, Region, RegionStatus
-from edge.reuse import ReuseCache, box_iou, signature
+from edge.results import Box, Frame, Image, Origin, Reading, Region, RegionStatus
+from edge.reuse import SIGNATURE_SIDE, ReuseCache, box_iou, frame_signature, signature
 from edge.synth import Scene, render_scene
 
 
@@ -63,6 +66,14 @@ def _pipeline(scene: Scene, reader: Reader, *, reuse: bool = True) -> Pipeline:
     options = PipelineOptions(full_frame_codes="never", reuse_unchanged=reuse)
     routes = {o.class_name: reader for o in scene.objects}
     return Pipeline(FixedDetector(_regions(scene)), routes, options=options)
+
+
+def _qr(content: str, *, scale: int) -> Image:
+    """Render a QR code with a 4-module quiet zone as an H x W x 3 BGR image."""
+    buffer = io.BytesIO()
+    segno.make_qr(content).save(buffer, kind="png", scale=scale, border=4)
+    encoded = np.frombuffer(buffer.getvalue(), dtype=np.uint8)
+    return np.ascontiguousarray(cv2.imdecode(encoded, cv2.IMREAD_COLOR))
 
 
 def _frame(image: Image, seq: int) -> Frame:
@@ -185,20 +196,117 @@ async def test_reuse_skips_failed_reads() -> None:
     assert second.regions[0].status is RegionStatus.ERROR
 
 
-async def test_reuse_never_applies_to_full_frame() -> None:
-    """The full-frame decode runs on every frame that needs it, even an unchanged one."""
+def _full_frame_pipeline(reader: Reader, regions: list[Region]) -> Pipeline:
+    options = PipelineOptions(full_frame_codes="when_none_read")
+    routes: dict[str, Reader] = {r.class_name: reader for r in regions}
+    return Pipeline(FixedDetector(regions), routes, code_reader=reader, options=options)
+
+
+async def test_reuse_full_frame_unchanged_frame() -> None:
+    """An unchanged frame with no code region repeats the full-frame decode's reading."""
     scene = _scene(33)
     reader = CountingCodeReader()
-    options = PipelineOptions(full_frame_codes="when_none_read")
-    pipeline = Pipeline(FixedDetector([]), {}, code_reader=reader, options=options)
+    pipeline = _full_frame_pipeline(reader, [])
     try:
-        await pipeline.process(_frame(scene.image, 0))
-        second = await pipeline.process(_frame(scene.image, 1))
+        first = await pipeline.process(_frame(scene.image, 0))
+        second = await pipeline.process(_frame(scene.image.copy(), 1))
+    finally:
+        await pipeline.aclose()
+    assert reader.calls == 1
+    assert [r.reused for r in first.regions] == [False]
+    assert [r.reused for r in second.regions] == [True]
+    assert [r.reading for r in second.regions] == [r.reading for r in first.regions]
+    assert {c.text for r in second.regions for c in r.reading.codes} == {scene.objects[0].value}
+
+
+async def test_reuse_full_frame_decode_in_flight() -> None:
+    """A frame whose decode would start while the last frame's decode runs reuses it."""
+    scene = _scene(41)
+    reader = CountingCodeReader(seconds=0.3)
+    pipeline = _full_frame_pipeline(reader, [])
+    try:
+        first, second = await asyncio.gather(
+            pipeline.process(_frame(scene.image, 0)), pipeline.process(_frame(scene.image, 1))
+        )
+    finally:
+        await pipeline.aclose()
+    assert reader.calls == 1
+    assert [r.reused for r in second.regions] == [True]
+    assert [r.reading for r in second.regions] == [r.reading for r in first.regions]
+
+
+async def test_reuse_full_frame_after_empty_region() -> None:
+    """After a code region that reads nothing, an unchanged frame repeats the late decode."""
+    scene = _scene(39)
+    code_box = _regions(scene)[0].box
+    # A code region in the top-left corner, away from the code, so its read finds nothing.
+    corner = Region(scene.objects[0].class_name, 0.9, Box(0, 0, 60, 60))
+    assert code_box.x > 80 or code_box.y > 80
+    reader = CountingCodeReader()
+    pipeline = _full_frame_pipeline(reader, [corner])
+    try:
+        first = await pipeline.process(_frame(scene.image, 0))
+        second = await pipeline.process(_frame(scene.image.copy(), 1))
     finally:
         await pipeline.aclose()
     assert reader.calls == 2
+    for result, reused in ((first, False), (second, True)):
+        by_origin = {r.origin: r for r in result.regions}
+        assert by_origin[Origin.DETECTOR].status is RegionStatus.EMPTY
+        assert by_origin[Origin.DETECTOR].reused is reused
+        assert by_origin[Origin.FULL_FRAME].reused is reused
+        codes = [c.text for c in by_origin[Origin.FULL_FRAME].reading.codes]
+        assert codes == [scene.objects[0].value]
+
+
+async def test_reuse_full_frame_new_code_decoded() -> None:
+    """A small code that appears in an otherwise unchanged frame is decoded."""
+    qr = _qr("appeared", scale=2)
+    blank = np.full((1080, 1920, 3), int(qr.mean()), np.uint8)
+    with_code = blank.copy()
+    with_code[300 : 300 + qr.shape[0], 700 : 700 + qr.shape[1]] = qr
+    reader = CountingCodeReader()
+    pipeline = _full_frame_pipeline(reader, [])
+    try:
+        first = await pipeline.process(_frame(blank, 0))
+        second = await pipeline.process(_frame(with_code, 1))
+    finally:
+        await pipeline.aclose()
+    assert reader.calls == 2
+    assert first.regions == ()
+    assert [c.text for r in second.regions for c in r.reading.codes] == ["appeared"]
     assert [r.reused for r in second.regions] == [False]
-    assert {c.text for r in second.regions for c in r.reading.codes} == {scene.objects[0].value}
+
+
+def test_frame_signature_sees_small_code() -> None:
+    """Tiles catch a small code as grey on average as the frame, which one signature misses."""
+    qr = _qr("appeared", scale=2)
+    blank = np.full((1080, 1920, 3), int(qr.mean()), np.uint8)
+    with_code = blank.copy()
+    with_code[300 : 300 + qr.shape[0], 700 : 700 + qr.shape[1]] = qr
+    noisy = np.clip(blank + np.random.default_rng(0).normal(0, 3, blank.shape), 0, 255)
+    box = Box(0, 0, 1920, 1080)
+    for make, sees_code in ((frame_signature, True), (signature, False)):
+        cache = ReuseCache()
+        cache.store("frame", box, make(blank), Reading())
+        cache.next_frame()
+        assert (cache.lookup("frame", box, make(with_code)) is None) is sees_code
+        assert cache.lookup("frame", box, make(noisy.astype(np.uint8))) is not None
+
+
+@pytest.mark.parametrize(("height", "width", "tiles"), [(1080, 1920, 40), (480, 640, 6), (5, 7, 1)])
+def test_frame_signature_tiles(height: int, width: int, tiles: int) -> None:
+    """A frame signature stacks one signature per tile of at most 256 pixels square."""
+    noise = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    # Smooth, because tiles of 640 / 3 pixels share their edge columns with their neighbours.
+    image = np.asarray(cv2.GaussianBlur(noise, (0, 0), 4), dtype=np.uint8)
+    stacked = frame_signature(image)
+    assert stacked.shape == (tiles * SIGNATURE_SIDE, SIGNATURE_SIDE)
+    # The last tile is the bottom-right one, shrunk on its own.
+    rows, columns = -(-height // 256), -(-width // 256)
+    top, left = height - height // rows, width - width // columns
+    last = signature(image[top:, left:])
+    assert np.abs(stacked[-SIGNATURE_SIDE:] - last).max() <= 2
 
 
 async def test_reuse_moves_boxes_with_region() -> None:
