@@ -567,27 +567,29 @@ class Pipeline:
         full_frame = None
         if early_fallback or late_fallback:
             full_frame = self._full_frame_job(frame)
-            if previous is not None and full_frame.pending is not None:
+            # A late decode waits for the previous frame's only when it is due to start.
+            if early_fallback and previous is not None and full_frame.pending is not None:
                 await self._until_ended(previous, deadline)
                 full_frame = self._with_reuse(full_frame)
         entries = self._remember(jobs if full_frame is None else [*jobs, full_frame])
         late = None
         if early_fallback and full_frame is not None:
             jobs.append(full_frame)
-        elif late_fallback and full_frame is not None and full_frame.reused is None:
+        elif late_fallback and full_frame is not None:
             late = (full_frame, code_jobs)
-        outcomes = await self._run(frame, jobs, deadline, turn, previous, late=late)
+        reused_late: list[_Job] = []
+        outcomes = await self._run(
+            frame, jobs, deadline, turn, previous, late=late, reused_late=reused_late
+        )
         if late is not None and id(late[0]) in outcomes:
             jobs.append(late[0])
-        elif (
-            late_fallback
-            and full_frame is not None
-            and full_frame.reused is not None
-            and not any(_found_code(job, outcomes) for job in code_jobs)
-        ):
-            # The frame did not change, so the decode's last reading is still valid as long as
-            # the code regions, read again or not, find no code.
-            jobs.append(full_frame)
+        for job in reused_late:
+            jobs.append(job)
+            # This frame's entry was stored as pending: it gets the reading it repeats.
+            entry = entries.pop(id(full_frame), None)
+            if entry is not None and self._reuse is not None and job.signature is not None:
+                entry.signature = job.signature
+                self._reuse.resolve(entry, job.reused)
         self._resolve(entries, outcomes)
         return _split_full_frame(_assemble(jobs, outcomes))
 
@@ -666,10 +668,12 @@ class Pipeline:
         return self._with_reuse(job)
 
     def _full_frame_job(self, frame: Frame) -> _Job:
-        """Return the full-frame decode's job, with the last decode's reading if still valid.
+        """Return the full-frame decode's job, with its reuse signature and cache lookup.
 
-        Its reuse signature stacks those of the frame's tiles (see ``frame_signature``): one
-        of the whole frame missed a small code that appeared or changed.
+        As for a region, the job gets the last decode's reading if the frame did not change,
+        or that decode as ``pending`` if it is still running. The signature stacks those of
+        the frame's tiles (see ``frame_signature``), because one signature of the whole frame
+        misses a small code that appears or changes.
         """
         box = Box(0, 0, frame.width, frame.height)
         region = Region("frame", 1.0, box)
@@ -687,6 +691,7 @@ class Pipeline:
         previous: _ReadTurn | None,
         *,
         late: tuple[_Job, Sequence[_Job]] | None = None,
+        reused_late: list[_Job] | None = None,
     ) -> dict[int, OpResult[Reading] | None]:
         """Read the jobs in the group and wait for their outcomes, until ``deadline``.
 
@@ -697,7 +702,8 @@ class Pipeline:
         slot, and settled once the frame submits no more reads.
 
         ``late`` is a job to read once the jobs it comes with have ended, if none of them
-        found a code. Its outcome is returned only if it was read.
+        found a code. Its outcome is returned only if it was read. When it repeats the
+        previous frame's reading instead, it is added to ``reused_late``.
         """
         loop = asyncio.get_running_loop()
         handles: dict[int, OpHandle[Reading]] = {}
@@ -743,7 +749,7 @@ class Pipeline:
             finally:
                 turn.started.set()
             if late is not None:
-                await self._read_late(frame, late, deadline, handles)
+                await self._read_late(frame, late, deadline, handles, previous, reused_late)
             turn.settled.set()
             if handles:
                 await asyncio.gather(*handles.values(), return_exceptions=True)
@@ -774,11 +780,19 @@ class Pipeline:
         late: tuple[_Job, Sequence[_Job]],
         deadline: float,
         handles: dict[int, OpHandle[Reading]],
+        previous: _ReadTurn | None,
+        reused_late: list[_Job] | None,
     ) -> None:
-        """Start the late job unless one of the jobs it waits for found a code."""
+        """Start the late job unless one of the jobs it waits for found a code.
+
+        A late job whose pixels the previous frame decoded is not started: it is added to
+        ``reused_late`` with that reading, once the previous frame's reads have ended if
+        its decode was still running.
+        """
         job, waited = late
-        assert job.reader is not None
-        assert job.crop is not None
+        reader, crop = job.reader, job.crop
+        assert reader is not None
+        assert crop is not None
         waiting = [handles[id(w)] for w in waited if id(w) in handles]
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout_at(deadline):
@@ -787,9 +801,20 @@ class Pipeline:
                     result = done.result
                     if result is not None and result.value is not None and result.value.codes:
                         return
-                started = self._submit(frame, job.reader, job.crop)
+                if job.pending is not None and previous is not None:
+                    await previous.ended.wait()
+                    if job.pending.reading is not None:
+                        cached = job.pending
+                        job = replace(
+                            job, reused=cached.reading, signature=cached.signature, pending=None
+                        )
+                if job.reused is not None:
+                    if reused_late is not None:
+                        reused_late.append(job)
+                    return
+                started = self._submit(frame, reader, crop)
                 if started is None:
-                    started = await self._submit_queued(frame, job.reader, job.crop)
+                    started = await self._submit_queued(frame, reader, crop)
                 handles[id(job)] = started
 
     async def _queue(
@@ -1002,14 +1027,6 @@ def _region_result(job: _Job, reader: str, op: OpResult[Reading] | None) -> Regi
 def _reuse_key(job: _Job) -> str:
     """Return the key of a job's entries in the reuse cache: its class, or the full frame's."""
     return _FULL_FRAME_KEY if job.origin is Origin.FULL_FRAME else job.region.class_name
-
-
-def _found_code(job: _Job, outcomes: Mapping[int, OpResult[Reading] | None]) -> bool:
-    """Return whether a job's reading, reused or read now, has a code."""
-    if job.reused is not None:
-        return bool(job.reused.codes)
-    op = outcomes.get(id(job))
-    return op is not None and op.value is not None and bool(op.value.codes)
 
 
 def _split_full_frame(results: list[RegionResult]) -> list[RegionResult]:

@@ -8,10 +8,10 @@ same box and its signature still matches.
 A signature is the crop shrunk to ``SIGNATURE_SIDE`` square pixels with area averaging, which
 smooths sensor noise. The signatures of several crops can be stacked into one, row-wise, for a
 reading made of them all. A whole frame's signature stacks those of its tiles (see
-:func:`frame_signature`), so that a small code appearing anywhere in it changes one tile. Two
-signatures match when fewer than ``changed_share`` of their pixels differ by more than
-``pixel_tolerance`` grey levels; a changed digit on a label covers more than that share of its
-signature.
+:func:`frame_signature`), so that a small code appearing anywhere in it changes at least one
+tile. Two signatures match when fewer than ``changed_share`` of their pixels differ by more
+than ``pixel_tolerance`` grey levels; a changed digit on a label covers more than that share of
+its signature.
 
 Frames overlap: the next frame's regions are looked up while this frame's reads still run. So
 a region is stored when its read starts, as pending, and :meth:`ReuseCache.resolve` fills in
@@ -31,7 +31,7 @@ from edge.results import Box, Image, Reading
 
 #: Side in pixels of the square grey-scale signature of a crop.
 SIGNATURE_SIDE = 64
-#: Largest tile side in pixels of a frame signature, so that one signature pixel averages at
+#: Maximum tile side in pixels of a frame signature, so that one signature pixel averages at
 #: most 4 x 4 frame pixels.
 FRAME_TILE_SIDE = 256
 
@@ -71,9 +71,11 @@ def frame_signature(image: Image) -> Signature:
     """Return the stacked signatures of the tiles of a whole frame, in row-major tile order.
 
     The frame is cut into a grid of equal tiles with sides of at most ``FRAME_TILE_SIDE``
-    pixels. The smallest QR code has 21 modules, and zbar needs about 2 pixels per module
-    (an estimate), so a readable code covers at least about 10 x 10 signature pixels of a
-    tile, where ``ReuseCache``'s default changed share is about 8 of its 4096.
+    pixels. The smallest QR code is 21 modules wide, and zbar needs about 2 pixels per module
+    (an estimate), so a readable code spans at least about 10 x 10 signature pixels. Where it
+    appears, those pixels differ from the old ones unless the code is as grey on average as
+    what it covers. ``ReuseCache`` counts a tile as changed from about 8 differing pixels of
+    its 4096, by default.
     """
     grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
     height, width = grey.shape

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -16,7 +17,14 @@ from edge.pipeline import Pipeline, PipelineOptions
 from edge.readers.base import Cancellation, Reader
 from edge.readers.codes import decode_codes
 from edge.results import Box, Frame, Image, Origin, Reading, Region, RegionStatus
-from edge.reuse import SIGNATURE_SIDE, ReuseCache, box_iou, frame_signature, signature
+from edge.reuse import (
+    SIGNATURE_SIDE,
+    ReuseCache,
+    Signature,
+    box_iou,
+    frame_signature,
+    signature,
+)
 from edge.synth import Scene, render_scene
 
 
@@ -33,8 +41,22 @@ class FixedDetector:
         pass
 
 
+@dataclass
+class SequenceDetector:
+    """Returns the regions of each call in turn, then those of the last call again."""
+
+    calls: list[list[Region]]
+
+    def detect_counted(self, image: Image) -> tuple[list[Region], int]:
+        regions = self.calls.pop(0) if len(self.calls) > 1 else self.calls[0]
+        return list(regions), 0
+
+    def close(self) -> None:
+        pass
+
+
 class CountingCodeReader(Reader):
-    """A thread reader that decodes codes with zbar and counts its calls."""
+    """A thread reader that decodes codes with zbar, counts its calls and records their spans."""
 
     name = "codes"
     kind = "thread"
@@ -44,14 +66,19 @@ class CountingCodeReader(Reader):
         self.calls = 0
         self.fail = fail
         self.seconds = seconds
+        self.spans: list[tuple[float, float]] = []
 
     def read(self, image: Image, cancellation: Cancellation | None = None) -> Reading:
         self.calls += 1
-        time.sleep(self.seconds)
-        if self.fail:
-            msg = "decoder failed"
-            raise RuntimeError(msg)
-        return decode_codes(image)
+        started = time.perf_counter()
+        try:
+            time.sleep(self.seconds)
+            if self.fail:
+                msg = "decoder failed"
+                raise RuntimeError(msg)
+            return decode_codes(image)
+        finally:
+            self.spans.append((started, time.perf_counter()))
 
 
 def _scene(seed: int) -> Scene:
@@ -196,17 +223,23 @@ async def test_reuse_skips_failed_reads() -> None:
     assert second.regions[0].status is RegionStatus.ERROR
 
 
-def _full_frame_pipeline(reader: Reader, regions: list[Region]) -> Pipeline:
-    options = PipelineOptions(full_frame_codes="when_none_read")
-    routes: dict[str, Reader] = {r.class_name: reader for r in regions}
-    return Pipeline(FixedDetector(regions), routes, code_reader=reader, options=options)
+def _full_frame_pipeline(
+    reader: Reader, *calls: list[Region], reuse: bool = True, concurrency: int = 2
+) -> Pipeline:
+    """Return a pipeline whose detector returns ``calls`` in turn, no region if none."""
+    options = PipelineOptions(
+        concurrency=concurrency, full_frame_codes="when_none_read", reuse_unchanged=reuse
+    )
+    routes: dict[str, Reader] = {r.class_name: reader for c in calls for r in c}
+    detector = SequenceDetector(list(calls) or [[]])
+    return Pipeline(detector, routes, code_reader=reader, options=options)
 
 
 async def test_reuse_full_frame_unchanged_frame() -> None:
     """An unchanged frame with no code region repeats the full-frame decode's reading."""
     scene = _scene(33)
     reader = CountingCodeReader()
-    pipeline = _full_frame_pipeline(reader, [])
+    pipeline = _full_frame_pipeline(reader)
     try:
         first = await pipeline.process(_frame(scene.image, 0))
         second = await pipeline.process(_frame(scene.image.copy(), 1))
@@ -223,7 +256,7 @@ async def test_reuse_full_frame_decode_in_flight() -> None:
     """A frame whose decode would start while the last frame's decode runs reuses it."""
     scene = _scene(41)
     reader = CountingCodeReader(seconds=0.3)
-    pipeline = _full_frame_pipeline(reader, [])
+    pipeline = _full_frame_pipeline(reader)
     try:
         first, second = await asyncio.gather(
             pipeline.process(_frame(scene.image, 0)), pipeline.process(_frame(scene.image, 1))
@@ -266,7 +299,7 @@ async def test_reuse_full_frame_new_code_decoded() -> None:
     with_code = blank.copy()
     with_code[300 : 300 + qr.shape[0], 700 : 700 + qr.shape[1]] = qr
     reader = CountingCodeReader()
-    pipeline = _full_frame_pipeline(reader, [])
+    pipeline = _full_frame_pipeline(reader)
     try:
         first = await pipeline.process(_frame(blank, 0))
         second = await pipeline.process(_frame(with_code, 1))
@@ -278,7 +311,116 @@ async def test_reuse_full_frame_new_code_decoded() -> None:
     assert [r.reused for r in second.regions] == [False]
 
 
-def test_frame_signature_sees_small_code() -> None:
+async def test_reuse_late_decode_in_flight() -> None:
+    """A late decode due while the last frame's decode of the same pixels runs reuses it.
+
+    The empty code region moves between the first two frames, so the second frame reads it
+    again and reaches its late decode while the first frame's is running. The third frame
+    repeats the reading the second one reused.
+    """
+    scene = _scene(51)
+    corner = Region(scene.objects[0].class_name, 0.9, Box(0, 0, 60, 60))
+    moved = Region(corner.class_name, 0.9, Box(20, 0, 60, 60))
+    assert all(r.box.x > 100 or r.box.y > 80 for r in _regions(scene))
+    reader = CountingCodeReader(seconds=0.3)
+    pipeline = _full_frame_pipeline(reader, [corner], [moved])
+    try:
+        first, second = await asyncio.gather(
+            pipeline.process(_frame(scene.image, 0)), pipeline.process(_frame(scene.image, 1))
+        )
+        third = await pipeline.process(_frame(scene.image, 2))
+    finally:
+        await pipeline.aclose()
+    assert reader.calls == 3
+    for result, reused in ((first, False), (second, True), (third, True)):
+        full_frame = [r for r in result.regions if r.origin is Origin.FULL_FRAME]
+        assert [r.reused for r in full_frame] == [reused]
+        assert [c.text for r in full_frame for c in r.reading.codes] == [scene.objects[0].value]
+
+
+async def test_reuse_full_frame_dropped_once_region_reads() -> None:
+    """A repeated full-frame reading is not reported once a code region finds a code.
+
+    Of two codes, the full-frame decode of the first frame finds both. On the second, the
+    region on one code reads it, so the other must not come from the first frame's decode.
+    """
+    scene = render_scene(np.random.default_rng(43), labels=(0, 0), codes=(2, 2), distortions=False)
+    on_code = _regions(scene)[0]
+    corner = Region(on_code.class_name, 0.9, Box(0, 0, 60, 60))
+    assert all(r.box.x > 80 or r.box.y > 80 for r in _regions(scene))
+    reader = CountingCodeReader()
+    pipeline = _full_frame_pipeline(reader, [corner], [on_code])
+    try:
+        first = await pipeline.process(_frame(scene.image, 0))
+        second = await pipeline.process(_frame(scene.image.copy(), 1))
+    finally:
+        await pipeline.aclose()
+    assert reader.calls == 3
+    first_codes = {c.text for r in first.regions for c in r.reading.codes}
+    assert first_codes == {o.value for o in scene.objects}
+    assert [r.origin for r in second.regions] == [Origin.DETECTOR]
+    assert [c.text for c in second.regions[0].reading.codes] == [scene.objects[0].value]
+
+
+async def test_reuse_full_frame_failed_decode_retried() -> None:
+    """A full-frame decode that failed runs again on the unchanged next frame."""
+    scene = _scene(45)
+    reader = CountingCodeReader(fail=True)
+    pipeline = _full_frame_pipeline(reader)
+    try:
+        first = await pipeline.process(_frame(scene.image, 0))
+        second = await pipeline.process(_frame(scene.image.copy(), 1))
+    finally:
+        await pipeline.aclose()
+    assert reader.calls == 2
+    for result in (first, second):
+        assert [r.status for r in result.regions] == [RegionStatus.ERROR]
+        assert [r.reused for r in result.regions] == [False]
+
+
+async def test_reuse_full_frame_disabled_decodes_every_frame() -> None:
+    """With reuse_unchanged off, the full-frame decode runs on every frame."""
+    scene = _scene(47)
+    reader = CountingCodeReader()
+    pipeline = _full_frame_pipeline(reader, reuse=False)
+    try:
+        for seq in range(3):
+            result = await pipeline.process(_frame(scene.image, seq))
+            assert [r.reused for r in result.regions] == [False]
+    finally:
+        await pipeline.aclose()
+    assert reader.calls == 3
+
+
+async def test_reuse_late_decode_no_early_wait() -> None:
+    """A frame does not wait for a late decode of the last frame that may never run.
+
+    The code region moves between frames, so it is read again, and finds its code each time.
+    """
+    scene = _scene(49)
+    region = _regions(scene)[0]
+    box = region.box
+    moved = Region(region.class_name, region.score, Box(box.x + box.w // 4, box.y, box.w, box.h))
+    reader = CountingCodeReader(seconds=0.3)
+    pipeline = _full_frame_pipeline(reader, [region], [moved])
+    try:
+        results = await asyncio.gather(
+            pipeline.process(_frame(scene.image, 0)), pipeline.process(_frame(scene.image, 1))
+        )
+    finally:
+        await pipeline.aclose()
+    assert reader.calls == 2
+    for result in results:
+        assert [r.origin for r in result.regions] == [Origin.DETECTOR]
+        assert [r.reused for r in result.regions] == [False]
+    (_, first_end), (second_start, _) = sorted(reader.spans)
+    assert second_start < first_end
+
+
+@pytest.mark.parametrize(("make", "sees_code"), [(frame_signature, True), (signature, False)])
+def test_frame_signature_sees_small_code(
+    make: Callable[[Image], Signature], sees_code: bool
+) -> None:
     """Tiles catch a small code as grey on average as the frame, which one signature misses."""
     qr = _qr("appeared", scale=2)
     blank = np.full((1080, 1920, 3), int(qr.mean()), np.uint8)
@@ -286,12 +428,12 @@ def test_frame_signature_sees_small_code() -> None:
     with_code[300 : 300 + qr.shape[0], 700 : 700 + qr.shape[1]] = qr
     noisy = np.clip(blank + np.random.default_rng(0).normal(0, 3, blank.shape), 0, 255)
     box = Box(0, 0, 1920, 1080)
-    for make, sees_code in ((frame_signature, True), (signature, False)):
-        cache = ReuseCache()
-        cache.store("frame", box, make(blank), Reading())
-        cache.next_frame()
-        assert (cache.lookup("frame", box, make(with_code)) is None) is sees_code
-        assert cache.lookup("frame", box, make(noisy.astype(np.uint8))) is not None
+    cache = ReuseCache()
+    cache.store("frame", box, make(blank), Reading())
+    cache.next_frame()
+    changed = cache.lookup("frame", box, make(with_code)) is None
+    assert changed is sees_code
+    assert cache.lookup("frame", box, make(noisy.astype(np.uint8))) is not None
 
 
 @pytest.mark.parametrize(("height", "width", "tiles"), [(1080, 1920, 40), (480, 640, 6), (5, 7, 1)])
@@ -302,11 +444,14 @@ def test_frame_signature_tiles(height: int, width: int, tiles: int) -> None:
     image = np.asarray(cv2.GaussianBlur(noise, (0, 0), 4), dtype=np.uint8)
     stacked = frame_signature(image)
     assert stacked.shape == (tiles * SIGNATURE_SIDE, SIGNATURE_SIDE)
-    # The last tile is the bottom-right one, shrunk on its own.
+    # Tiles run along the top row first, and the last one is the bottom-right one.
     rows, columns = -(-height // 256), -(-width // 256)
-    top, left = height - height // rows, width - width // columns
-    last = signature(image[top:, left:])
+    tile_height, tile_width = height // rows, width // columns
+    last = signature(image[height - tile_height :, width - tile_width :])
     assert np.abs(stacked[-SIGNATURE_SIDE:] - last).max() <= 2
+    if columns > 1:
+        second = signature(image[:tile_height, tile_width : 2 * tile_width])
+        assert np.abs(stacked[SIGNATURE_SIDE : 2 * SIGNATURE_SIDE] - second).max() <= 2
 
 
 async def test_reuse_moves_boxes_with_region() -> None:
