@@ -8,9 +8,10 @@ Modes:
 
 Frame sets: generated scenes at 1280x720 and 1920x1080 with 1 to 8 labels and 0 to 4 codes, a
 static scene (one generated frame repeated, as a fixed camera sees most of the time), and the
-real images of ../shared/corpus. Two more sets, not run by default, split the corpus so that
-the ratios of its two kinds of image can be compared: ``corpus-codes`` contains its QR code and
-barcode images, ``corpus-text`` its text images. For each mode and set it prints frames per
+real images of ../shared/corpus. More sets are not run by default: ``static-text`` is a static
+scene with labels and no code, and two sets split the corpus so that the ratios of its two kinds
+of image can be compared: ``corpus-codes`` contains its QR code and barcode images,
+``corpus-text`` its text images. For each mode and set it prints frames per
 second, latency p50 and p95, CPU seconds per frame (this process and its worker processes),
 peak resident memory while the mode ran, codes decoded and OCR word recall (spaces ignored,
 see scripts/evaluate.py). Before each pass, the pipeline modes read a warm-up frame. For the
@@ -63,7 +64,7 @@ from edge.synth import render_scene  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "corpus"
 DEFAULT_SETS = ("720p", "1080p", "static", "corpus")
-SET_NAMES = (*DEFAULT_SETS, "corpus-codes", "corpus-text")
+SET_NAMES = (*DEFAULT_SETS, "static-text", "corpus-codes", "corpus-text")
 MODE_NAMES = ("naive", "sequential", "pipeline")
 
 
@@ -154,11 +155,13 @@ def cpu_seconds() -> float:
     return total
 
 
-def generated(count: int, width: int, height: int, seed: int) -> list[Sample]:
+def generated(
+    count: int, width: int, height: int, seed: int, codes: tuple[int, int] = (0, 4)
+) -> list[Sample]:
     rng = np.random.default_rng(seed)
     samples = []
     for index in range(count):
-        scene = render_scene(rng, width, height, labels=(1, 8), codes=(0, 4))
+        scene = render_scene(rng, width, height, labels=(1, 8), codes=codes)
         samples.append(
             Sample(
                 scene.image,
@@ -372,6 +375,9 @@ def frame_sets(args: argparse.Namespace) -> dict[str, list[Sample]]:
     if "static" in wanted:
         base = generated(1, 1280, 720, seed=3)[0]
         sets["static"] = [base] * args.static
+    if "static-text" in wanted:
+        base = generated(1, 1280, 720, seed=3, codes=(0, 0))[0]
+        sets["static-text"] = [base] * args.static
     for name, kind in (("corpus", None), ("corpus-codes", "codes"), ("corpus-text", "text")):
         if name not in wanted:
             continue
@@ -425,7 +431,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, dict[str, dict[str, 
                             samples,
                             bar,
                             overlap=mode == "pipeline",
-                            seen=name == "static",
+                            seen=name.startswith("static"),
                         )
                     figures[name][mode].add(passed)
         for pipeline in pipelines.values():
@@ -500,7 +506,7 @@ def plot(table: dict[str, dict[str, dict[str, float]]], path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=20, help="generated frames per size")
-    parser.add_argument("--static", type=int, default=60, help="frames of the static scene")
+    parser.add_argument("--static", type=int, default=60, help="frames of each static scene")
     parser.add_argument("--corpus-limit", type=int, help="only the first N corpus images")
     parser.add_argument("--sets", default=",".join(DEFAULT_SETS), help="comma-separated frame sets")
     parser.add_argument("--modes", default=",".join(MODE_NAMES), help="comma-separated modes")
