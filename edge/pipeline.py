@@ -564,17 +564,16 @@ class Pipeline:
             and has_code_region
             and not any(job.reused is not None and job.reused.codes for job in code_jobs)
         )
-        full_frame = None
-        if early_fallback or late_fallback:
-            full_frame = self._full_frame_job(frame)
-            # A late decode waits for the previous frame's only when it is due to start.
-            if early_fallback and previous is not None and full_frame.pending is not None:
-                await self._until_ended(previous, deadline)
-                full_frame = self._with_reuse(full_frame)
+        full_frame = self._full_frame_job(frame) if early_fallback or late_fallback else None
         entries = self._remember(jobs if full_frame is None else [*jobs, full_frame])
-        late = None
-        if early_fallback and full_frame is not None:
+        late: tuple[_Job, Sequence[_Job]] | None = None
+        if early_fallback and full_frame is not None and full_frame.pending is None:
             jobs.append(full_frame)
+        elif early_fallback and full_frame is not None:
+            # The previous frame's decode of these pixels is still running. Waiting for it
+            # here would hold back this frame's region reads, so it is awaited once they
+            # have started, as a late decode is.
+            late = (full_frame, [])
         elif late_fallback and full_frame is not None:
             late = (full_frame, code_jobs)
         reused_late: list[_Job] = []
@@ -786,8 +785,8 @@ class Pipeline:
         """Start the late job unless one of the jobs it waits for found a code.
 
         A late job whose pixels the previous frame decoded is not started: it is added to
-        ``reused_late`` with that reading, once the previous frame's reads have ended if
-        its decode was still running.
+        ``reused_late`` with that reading. If that decode was still running, it is awaited
+        first, and its reading is reused only if its signature matches this frame's.
         """
         job, waited = late
         reader, crop = job.reader, job.crop
@@ -801,10 +800,17 @@ class Pipeline:
                     result = done.result
                     if result is not None and result.value is not None and result.value.codes:
                         return
-                if job.pending is not None and previous is not None:
+                cached = job.pending
+                if cached is not None and previous is not None and self._reuse is not None:
                     await previous.ended.wait()
-                    if job.pending.reading is not None:
-                        cached = job.pending
+                    # A reused reading keeps the signature it was read with, which may be
+                    # older than the one this frame matched while the decode was pending.
+                    signature_now = job.signature
+                    if (
+                        cached.reading is not None
+                        and signature_now is not None
+                        and self._reuse.matches(cached.signature, signature_now)
+                    ):
                         job = replace(
                             job, reused=cached.reading, signature=cached.signature, pending=None
                         )

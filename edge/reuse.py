@@ -74,8 +74,8 @@ def frame_signature(image: Image) -> Signature:
     pixels. The smallest QR code is 21 modules wide, and zbar needs about 2 pixels per module
     (an estimate), so a readable code spans at least about 10 x 10 signature pixels. Where it
     appears, those pixels differ from the old ones unless the code is as grey on average as
-    what it covers. ``ReuseCache`` counts a tile as changed from about 8 differing pixels of
-    its 4096, by default.
+    what it covers. ``ReuseCache`` counts a tile as changed from 9 differing pixels of its
+    4096, by default.
     """
     grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
     height, width = grey.shape
@@ -125,14 +125,18 @@ class ReuseCache:
         for entry in self._previous:
             if entry.class_name != class_name or box_iou(entry.box, box) < self._min_iou:
                 continue
-            if entry.signature.shape != crop_signature.shape:
-                continue
-            changed = np.abs(entry.signature - crop_signature) > self._pixel_tolerance
-            # A stacked signature (of several crops) matches when each of its crops does.
-            blocks = changed.reshape(-1, SIGNATURE_SIDE * SIGNATURE_SIDE)
-            if float(blocks.mean(axis=1).max()) < self._changed_share:
+            if self.matches(entry.signature, crop_signature):
                 return entry
         return None
+
+    def matches(self, old: Signature, new: Signature) -> bool:
+        """Return whether two signatures show the same pixels within the tolerances."""
+        if old.shape != new.shape:
+            return False
+        changed = np.abs(old - new) > self._pixel_tolerance
+        # A stacked signature (of several crops) matches when each of its crops does.
+        blocks = changed.reshape(-1, SIGNATURE_SIDE * SIGNATURE_SIDE)
+        return float(blocks.mean(axis=1).max()) < self._changed_share
 
     def store(
         self, class_name: str, box: Box, crop_signature: Signature, reading: Reading | None

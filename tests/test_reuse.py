@@ -16,7 +16,16 @@ import segno
 from edge.pipeline import Pipeline, PipelineOptions
 from edge.readers.base import Cancellation, Reader
 from edge.readers.codes import decode_codes
-from edge.results import Box, Frame, Image, Origin, Reading, Region, RegionStatus
+from edge.results import (
+    Box,
+    Frame,
+    FrameResult,
+    Image,
+    Origin,
+    Reading,
+    Region,
+    RegionStatus,
+)
 from edge.reuse import (
     SIGNATURE_SIDE,
     ReuseCache,
@@ -79,6 +88,23 @@ class CountingCodeReader(Reader):
             return decode_codes(image)
         finally:
             self.spans.append((started, time.perf_counter()))
+
+
+class RecordingReader(Reader):
+    """A thread reader that waits, records the spans of its calls and reads nothing."""
+
+    name = "labels"
+    kind = "thread"
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.spans: list[tuple[float, float]] = []
+
+    def read(self, image: Image, cancellation: Cancellation | None = None) -> Reading:
+        started = time.perf_counter()
+        time.sleep(self.seconds)
+        self.spans.append((started, time.perf_counter()))
+        return Reading()
 
 
 def _scene(seed: int) -> Scene:
@@ -268,6 +294,50 @@ async def test_reuse_full_frame_decode_in_flight() -> None:
     assert [r.reading for r in second.regions] == [r.reading for r in first.regions]
 
 
+async def test_reuse_decode_in_flight_holds_no_region() -> None:
+    """Waiting for the last frame's full-frame decode does not hold back region reads.
+
+    The label region moves between the frames, so the second frame reads it again.
+    """
+    scene = _scene(53)
+    label = Region("label", 0.9, Box(0, 0, 60, 60))
+    moved = Region("label", 0.9, Box(20, 0, 60, 60))
+    labels = RecordingReader(0.3)
+    codes = CountingCodeReader(seconds=0.3)
+    options = PipelineOptions(concurrency=3, full_frame_codes="when_none_read")
+    detector = SequenceDetector([[label], [moved]])
+    pipeline = Pipeline(detector, {"label": labels}, code_reader=codes, options=options)
+    try:
+        _, second = await asyncio.gather(
+            pipeline.process(_frame(scene.image, 0)), pipeline.process(_frame(scene.image, 1))
+        )
+    finally:
+        await pipeline.aclose()
+    assert codes.calls == 1
+    full_frame = [r for r in second.regions if r.origin is Origin.FULL_FRAME]
+    assert [r.reused for r in full_frame] == [True]
+    ((_, decode_end),) = codes.spans
+    _, (second_label_start, _) = sorted(labels.spans)
+    assert second_label_start < decode_end
+
+
+async def test_reuse_failed_decode_in_flight_retried() -> None:
+    """A frame that waited for the last frame's full-frame decode decodes if that one failed."""
+    scene = _scene(55)
+    reader = CountingCodeReader(fail=True, seconds=0.3)
+    pipeline = _full_frame_pipeline(reader)
+    try:
+        results = await asyncio.gather(
+            pipeline.process(_frame(scene.image, 0)), pipeline.process(_frame(scene.image, 1))
+        )
+    finally:
+        await pipeline.aclose()
+    assert reader.calls == 2
+    for result in results:
+        assert [r.status for r in result.regions] == [RegionStatus.ERROR]
+        assert [r.reused for r in result.regions] == [False]
+
+
 async def test_reuse_full_frame_after_empty_region() -> None:
     """After a code region that reads nothing, an unchanged frame repeats the late decode."""
     scene = _scene(39)
@@ -336,6 +406,37 @@ async def test_reuse_late_decode_in_flight() -> None:
         full_frame = [r for r in result.regions if r.origin is Origin.FULL_FRAME]
         assert [r.reused for r in full_frame] == [reused]
         assert [c.text for r in full_frame for c in r.reading.codes] == [scene.objects[0].value]
+
+
+async def test_reuse_late_decode_follows_slow_fade() -> None:
+    """A code that fades in by less than the tolerance a frame is decoded once it shows.
+
+    The empty code region moves every frame, so each frame has a late decode, due while the
+    previous frame's may still run. Each frame must be compared with the pixels the reused
+    reading came from, not only with the frame before it.
+    """
+    qr = _qr("faded", scale=4).astype(np.float32)
+    height, width = qr.shape[:2]
+
+    def faded(alpha: float) -> Image:
+        image = np.full((480, 640, 3), 255, np.float32)
+        image[200 : 200 + height, 300 : 300 + width] = 255 * (1 - alpha) + qr * alpha
+        return np.ascontiguousarray(image.round().astype(np.uint8))
+
+    # 0.04 of the 255 levels between module colours is 10 levels a frame, under the 12 of
+    # the tolerance.
+    frames = [_frame(faded(min(1.0, seq * 0.04)), seq) for seq in range(30)]
+    corners = [[Region("qr_code", 0.9, Box(seq % 2 * 20, 0, 60, 60))] for seq in range(30)]
+    reader = CountingCodeReader(seconds=0.05)
+    pipeline = _full_frame_pipeline(reader, *corners, concurrency=1)
+    try:
+        results = [r async for r in pipeline.stream(frames)]
+    finally:
+        await pipeline.aclose()
+    last = results[-1]
+    assert isinstance(last, FrameResult)
+    codes = [c.text for r in last.regions if r.origin is Origin.FULL_FRAME for c in r.reading.codes]
+    assert codes == ["faded"]
 
 
 async def test_reuse_full_frame_dropped_once_region_reads() -> None:
