@@ -8,15 +8,14 @@ Modes:
 
 Frame sets: generated scenes at 1280x720 and 1920x1080 with 1 to 8 labels and 0 to 4 codes, a
 static scene (one generated frame repeated, as a fixed camera sees most of the time), and the
-real images of ../shared/corpus. More sets are not run by default: ``static-text`` is a static
-scene with labels and no code, and two sets split the corpus so that the ratios of its two kinds
-of image can be compared: ``corpus-codes`` contains its QR code and barcode images,
-``corpus-text`` its text images. For each mode and set it prints frames per
-second, latency p50 and p95, CPU seconds per frame (this process and its worker processes),
-peak resident memory while the mode ran, codes decoded and OCR word recall (spaces ignored,
-see scripts/evaluate.py). Before each pass, the pipeline modes read a warm-up frame. For the
-static scene it is the scene itself, which a fixed camera has seen before, so its figures are
-those of the steady state.
+real images of ../shared/corpus. More sets are not run by default. ``static-text`` is a static
+scene with labels and no code. ``corpus-codes`` and ``corpus-text`` split the corpus into its QR
+code and barcode images and its text images, so that their ratios can be compared. For each mode
+and set it prints frames per second, latency p50 and p95, CPU seconds per frame (this process
+and its worker processes), peak resident memory while the mode ran, codes decoded and OCR word
+recall (spaces ignored, see scripts/evaluate.py). Before each pass, the pipeline modes read a
+warm-up frame. For the static scenes it is the scene itself, which a fixed camera has seen
+before, so its figures are those of the steady state.
 
 The modes take turns on each set, and ``--rounds N`` repeats that N times, adding up the
 passes. So a drift of the machine's speed during the run affects the modes alike.
@@ -538,7 +537,15 @@ def main() -> int:
     plot(table, args.plot)
     print(f"plot written to {args.plot}")
     if args.json:
-        args.json.write_text(json.dumps(table, indent=2))
+        # A set with no code or no word has NaN shares, which strict JSON has no value for.
+        finite = {
+            name: {
+                mode: {key: None if np.isnan(value) else value for key, value in row.items()}
+                for mode, row in modes.items()
+            }
+            for name, modes in table.items()
+        }
+        args.json.write_text(json.dumps(finite, indent=2, allow_nan=False))
     return 0
 
 
