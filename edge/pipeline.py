@@ -255,7 +255,9 @@ class Pipeline:
             are reported with no reader and status ``empty``.
         code_reader: Reader for the full-frame code decode (see ``full_frame_codes``), or
             ``None`` to never run it. Regions routed to a reader of the same ``name`` are
-            the code regions of the ``when_none_read`` policy.
+            the code regions of the ``when_none_read`` policy. Under that policy, a code
+            region whose crop is the whole frame and reads nothing stands for the decode, so
+            the routed reader must retry at least as much as this one.
         options: Concurrency, timeouts and the full-frame policy.
     """
 
@@ -784,9 +786,11 @@ class Pipeline:
     ) -> None:
         """Start the late job unless one of the jobs it waits for found a code.
 
-        A late job whose pixels the previous frame decoded is not started: it is added to
-        ``reused_late`` with that reading. If that decode was still running, it is awaited
-        first, and its reading is reused only if its signature matches this frame's.
+        Nor is it started after a job that scanned the whole frame (see
+        :func:`_scanned_whole_frame`). A late job whose pixels the previous frame decoded is
+        not started: it is added to ``reused_late`` with that reading. If that decode was
+        still running, it is awaited first, and its reading is reused only if its signature
+        matches this frame's.
         """
         job, waited = late
         reader, crop = job.reader, job.crop
@@ -800,6 +804,9 @@ class Pipeline:
                     result = done.result
                     if result is not None and result.value is not None and result.value.codes:
                         return
+                if any(_scanned_whole_frame(w, handles.get(id(w)), frame) for w in waited):
+                    # The decode would scan the same pixels again, with no more retries.
+                    return
                 cached = job.pending
                 if cached is not None and previous is not None and self._reuse is not None:
                     await previous.ended.wait()
@@ -1027,6 +1034,28 @@ def _region_result(job: _Job, reader: str, op: OpResult[Reading] | None) -> Regi
     logger.warning("%s: read of %s region failed: %s", op.name, job.region.class_name, error)
     return RegionResult(
         job.region, reader, RegionStatus.ERROR, elapsed_ms=elapsed, origin=job.origin, error=error
+    )
+
+
+def _scanned_whole_frame(job: _Job, handle: OpHandle[Reading] | None, frame: Frame) -> bool:
+    """Whether a code region's crop is the whole frame and its reading has no code.
+
+    A low-resolution photo of one code is often boxed so that the crop's margin reaches
+    every edge. Its full-frame decode would then scan the same pixels again: the region
+    reader retries at least as much as the full-frame reader, so the decode can find
+    nothing new. The reading counts whether it was read now or repeated from the previous
+    frame; a read that failed or timed out does not count.
+    """
+    if job.crop is None or job.crop.shape[:2] != frame.image.shape[:2]:
+        return False
+    if job.reused is not None:
+        return not job.reused.codes
+    result = handle.result if handle is not None else None
+    return (
+        result is not None
+        and result.outcome is Outcome.SUCCEEDED
+        and result.value is not None
+        and not result.value.codes
     )
 
 

@@ -8,7 +8,14 @@ from dataclasses import replace
 import pytest
 
 from edge.config import Config
-from edge.factory import build_detector, detector_threads, pipeline_options
+from edge.factory import (
+    build_detector,
+    build_readers,
+    detector_threads,
+    full_frame_code_reader,
+    pipeline_options,
+)
+from edge.readers.codes import CodeReader
 
 TEXT_AND_CODES = {"text": "text", "qr_code": "codes", "barcode": "codes"}
 
@@ -84,3 +91,22 @@ def test_pipeline_options_document_classes() -> None:
     assert options.document_classes == frozenset({"label", "receipt"})
     assert options.document_share == 0.7
     assert pipeline_options(_config(0, 2)).document_classes == frozenset({"text"})
+
+
+def test_region_code_reader_covers_full_frame() -> None:
+    """The pipeline skips the full-frame decode after a whole-frame code crop read nothing.
+
+    That holds only if the code regions' reader does every scan the full-frame reader does.
+    """
+    regions = build_readers(Config())["codes"]
+    full_frame = full_frame_code_reader()
+    assert isinstance(regions, CodeReader)
+    assert regions.retry_max_pixels is None or (
+        full_frame.retry_max_pixels is not None
+        and regions.retry_max_pixels >= full_frame.retry_max_pixels
+    )
+    assert regions.try_harder or not full_frame.try_harder
+    # No symbology named means every one that zbar knows.
+    assert not regions.symbologies or (
+        full_frame.symbologies and set(full_frame.symbologies) <= set(regions.symbologies)
+    )

@@ -424,9 +424,10 @@ def test_union_area() -> None:
 
 
 class RecordingCodeReader(Reader):
-    """A full-frame code reader that records its calls and finds nothing."""
+    """A code reader that records its calls and finds nothing."""
 
     name = "codes"
+    crop_margin = CodeReader.crop_margin
 
     def __init__(self) -> None:
         self.calls = 0
@@ -454,6 +455,81 @@ async def test_pipeline_fallback_skipped_when_region_read(code_reader: CodeReade
     assert [r.origin for r in result.regions] == [Origin.DETECTOR]
     assert result.regions[0].reading.codes
     assert full_frame.calls == 0
+
+
+def _noise_frame(seq: int = 0) -> Frame:
+    """A 200 x 200 frame of grey noise, in which zbar finds no code."""
+    image = np.random.default_rng(7).integers(90, 170, (200, 200, 3), dtype=np.uint8)
+    return Frame(seq=seq, captured_at=time.time(), image=image, source="noise")
+
+
+@pytest.mark.parametrize(
+    ("box", "decodes"),
+    [
+        # The 0.3 margin of a 140-pixel box reaches every edge of the 200-pixel frame.
+        (Box(30, 30, 140, 140), 0),
+        (Box(60, 60, 80, 80), 1),
+        (Box(0, 30, 200, 140), 0),
+        (Box(0, 40, 200, 100), 1),
+    ],
+)
+async def test_fallback_skipped_whole_frame_crop(
+    code_reader: CodeReader, box: Box, decodes: int
+) -> None:
+    """A code region whose crop is the whole frame and reads nothing stands for the decode."""
+    full_frame = RecordingCodeReader()
+    pipeline = Pipeline(
+        OracleDetector([Region("qr_code", 0.9, box)]),
+        {"qr_code": code_reader},
+        code_reader=full_frame,
+    )
+    try:
+        result = await pipeline.process(_noise_frame())
+    finally:
+        await pipeline.aclose()
+    assert full_frame.calls == decodes
+    detected = [r for r in result.regions if r.origin is Origin.DETECTOR]
+    assert [r.status for r in detected] == [RegionStatus.EMPTY]
+
+
+async def test_fallback_runs_after_failed_whole_crop() -> None:
+    """A failed read of a whole-frame code crop scanned nothing, so the decode still runs."""
+
+    class FailingCodeReader(FailingReader):
+        name = "codes"
+        crop_margin = CodeReader.crop_margin
+
+    full_frame = RecordingCodeReader()
+    pipeline = Pipeline(
+        OracleDetector([Region("qr_code", 0.9, Box(30, 30, 140, 140))]),
+        {"qr_code": FailingCodeReader()},
+        code_reader=full_frame,
+    )
+    try:
+        result = await pipeline.process(_noise_frame())
+    finally:
+        await pipeline.aclose()
+    assert full_frame.calls == 1
+    assert [r.status for r in result.regions if r.origin is Origin.DETECTOR] == [RegionStatus.ERROR]
+
+
+async def test_fallback_skipped_reused_whole_crop() -> None:
+    """An unchanged frame repeats the empty reading of its whole-frame crop and decodes nothing."""
+    region_reader, full_frame = RecordingCodeReader(), RecordingCodeReader()
+    pipeline = Pipeline(
+        OracleDetector([Region("qr_code", 0.9, Box(30, 30, 140, 140))]),
+        {"qr_code": region_reader},
+        code_reader=full_frame,
+    )
+    try:
+        first = await pipeline.process(_noise_frame(0))
+        second = await pipeline.process(_noise_frame(1))
+    finally:
+        await pipeline.aclose()
+    assert region_reader.calls == 1
+    assert full_frame.calls == 0
+    assert [r.reused for r in first.regions] == [False]
+    assert [r.reused for r in second.regions] == [True]
 
 
 async def test_pipeline_rejects_degenerate_regions(code_reader: CodeReader) -> None:
