@@ -703,8 +703,9 @@ class Pipeline:
         slot, and settled once the frame submits no more reads.
 
         ``late`` is a job to read once the jobs it comes with have ended, if none of them
-        found a code. Its outcome is returned only if it was read. When it repeats the
-        previous frame's reading instead, it is added to ``reused_late``.
+        found a code. Its outcome is returned only if it was read, or ``None`` if the
+        deadline came before it could start. When it repeats the previous frame's reading
+        instead, it is added to ``reused_late``.
         """
         loop = asyncio.get_running_loop()
         handles: dict[int, OpHandle[Reading]] = {}
@@ -749,8 +750,9 @@ class Pipeline:
                 pass
             finally:
                 turn.started.set()
-            if late is not None:
-                await self._read_late(frame, late, deadline, handles, previous, reused_late)
+            missed_late = late is not None and await self._read_late(
+                frame, late, deadline, handles, previous, reused_late
+            )
             turn.settled.set()
             if handles:
                 await asyncio.gather(*handles.values(), return_exceptions=True)
@@ -762,7 +764,9 @@ class Pipeline:
         self._group.take_results()
         self._process_group.take_results()
         outcomes: dict[int, OpResult[Reading] | None] = {}
-        late_read = [late[0]] if late is not None and id(late[0]) in handles else []
+        late_read = (
+            [late[0]] if late is not None and (id(late[0]) in handles or missed_late) else []
+        )
         for job in [*jobs, *late_read]:
             started = handles.get(id(job))
             if started is None:
@@ -783,7 +787,7 @@ class Pipeline:
         handles: dict[int, OpHandle[Reading]],
         previous: _ReadTurn | None,
         reused_late: list[_Job] | None,
-    ) -> None:
+    ) -> bool:
         """Start the late job unless one of the jobs it waits for found a code.
 
         Nor is it started after a job that scanned the whole frame (see
@@ -791,22 +795,26 @@ class Pipeline:
         not started: it is added to ``reused_late`` with that reading. If that decode was
         still running, it is awaited first, and its reading is reused only if its signature
         matches this frame's.
+
+        Returns:
+            Whether the deadline came first: before the job could start, or before the jobs
+            it waits for ended.
         """
         job, waited = late
         reader, crop = job.reader, job.crop
         assert reader is not None
         assert crop is not None
         waiting = [handles[id(w)] for w in waited if id(w) in handles]
-        with contextlib.suppress(TimeoutError):
+        try:
             async with asyncio.timeout_at(deadline):
                 await asyncio.gather(*waiting, return_exceptions=True)
                 for done in waiting:
                     result = done.result
                     if result is not None and result.value is not None and result.value.codes:
-                        return
+                        return False
                 if any(_scanned_whole_frame(w, handles.get(id(w)), frame) for w in waited):
                     # The decode would scan the same pixels again, with no more retries.
-                    return
+                    return False
                 cached = job.pending
                 if cached is not None and previous is not None and self._reuse is not None:
                     await previous.ended.wait()
@@ -824,11 +832,14 @@ class Pipeline:
                 if job.reused is not None:
                     if reused_late is not None:
                         reused_late.append(job)
-                    return
+                    return False
                 started = self._submit(frame, reader, crop)
                 if started is None:
                     started = await self._submit_queued(frame, reader, crop)
                 handles[id(job)] = started
+        except TimeoutError:
+            return id(job) not in handles
+        return False
 
     async def _queue(
         self,
@@ -1038,7 +1049,7 @@ def _region_result(job: _Job, reader: str, op: OpResult[Reading] | None) -> Regi
 
 
 def _scanned_whole_frame(job: _Job, handle: OpHandle[Reading] | None, frame: Frame) -> bool:
-    """Whether a code region's crop is the whole frame and its reading has no code.
+    """Return whether a code region's crop is the whole frame and its reading has no code.
 
     A low-resolution photo of one code is often boxed so that the crop's margin reaches
     every edge. Its full-frame decode would then scan the same pixels again: the region

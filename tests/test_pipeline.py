@@ -532,6 +532,44 @@ async def test_fallback_skipped_reused_whole_crop() -> None:
     assert [r.reused for r in second.regions] == [True]
 
 
+class SleepingCodeReader(SleepingReader):
+    """A code reader that sleeps for a given time, then finds nothing."""
+
+    name = "codes"
+
+
+@pytest.mark.parametrize(("code_seconds", "text_seconds"), [(0.0, 1.0), (1.0, 0.0)])
+async def test_late_decode_missed_reported_timeout(
+    code_seconds: float, text_seconds: float
+) -> None:
+    """A due full-frame decode that the deadline keeps from starting is reported as a timeout.
+
+    Either the text reads hold both slots past the deadline after the code region read
+    nothing, or the code region read itself runs past it.
+    """
+    regions = [
+        Region("qr_code", 0.9, Box(20, 20, 100, 100)),
+        Region("text", 0.9, Box(130, 10, 40, 40)),
+        Region("text", 0.9, Box(130, 60, 40, 40)),
+    ]
+    routes: dict[str, Reader] = {
+        "qr_code": SleepingCodeReader(code_seconds),
+        "text": SleepingReader(text_seconds),
+    }
+    full_frame = RecordingCodeReader()
+    options = PipelineOptions(concurrency=2, op_timeout=30.0, frame_deadline=0.4)
+    pipeline = Pipeline(OracleDetector(regions), routes, code_reader=full_frame, options=options)
+    try:
+        result = await pipeline.process(_noise_frame())
+    finally:
+        await pipeline.aclose()
+    missed = [r for r in result.regions if r.origin is Origin.FULL_FRAME]
+    assert full_frame.calls == 0
+    assert [r.status for r in missed] == [RegionStatus.TIMEOUT]
+    assert [r.error for r in missed] == ["not started before the frame deadline"]
+    assert [r.region.class_name for r in missed] == ["frame"]
+
+
 async def test_pipeline_rejects_degenerate_regions(code_reader: CodeReader) -> None:
     """Boxes a few pixels thin are counted as rejected and never read."""
     scene = _scene(17, labels=(0, 0), codes=(0, 0))
