@@ -154,8 +154,9 @@ class PipelineConfig:
         op_timeout: Seconds one region read may take before it is reported as ``timeout``.
         frame_deadline: Seconds all region reads of one frame may take together.
         full_frame_codes: When to decode codes over the whole frame as well: ``never``,
-            ``always``, or ``when_none_read`` (when no detected region yielded a code, and
-            no code region's crop is the whole frame, which its read scanned already). A
+            ``always``, or ``when_none_read`` (when no detected region yielded a code, unless
+            a code region's crop is the whole frame and its read found nothing, since that
+            read scanned the same pixels). A
             frame of over 500,000 pixels is scanned once, without the retries of regions.
         reuse_unchanged: Repeat the previous frame's reading of a region whose box and pixels
             did not change, instead of reading it again. Such regions are marked ``reused``.

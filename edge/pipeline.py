@@ -790,15 +790,16 @@ class Pipeline:
     ) -> bool:
         """Start the late job unless one of the jobs it waits for found a code.
 
-        Nor is it started after a job that scanned the whole frame (see
-        :func:`_scanned_whole_frame`). A late job whose pixels the previous frame decoded is
-        not started: it is added to ``reused_late`` with that reading. If that decode was
-        still running, it is awaited first, and its reading is reused only if its signature
-        matches this frame's.
+        Nor is it started after a job that scanned the whole frame this frame (see
+        :func:`_scanned_whole_frame`): it is added to ``reused_late`` with that job's empty
+        reading, so that the next frame can reuse it. A late job whose pixels the previous
+        frame decoded is not started either: it is added to ``reused_late`` with that
+        reading. If that decode was still running, it is awaited first, and its reading is
+        reused only if its signature matches this frame's.
 
         Returns:
-            Whether the deadline came first: before the job could start, or before the jobs
-            it waits for ended.
+            Whether the deadline came before the job could start, while no job it waits for
+            had made it needless.
         """
         job, waited = late
         reader, crop = job.reader, job.crop
@@ -808,12 +809,7 @@ class Pipeline:
         try:
             async with asyncio.timeout_at(deadline):
                 await asyncio.gather(*waiting, return_exceptions=True)
-                for done in waiting:
-                    result = done.result
-                    if result is not None and result.value is not None and result.value.codes:
-                        return False
-                if any(_scanned_whole_frame(w, handles.get(id(w)), frame) for w in waited):
-                    # The decode would scan the same pixels again, with no more retries.
+                if _late_needless(late, handles, frame, reused_late):
                     return False
                 cached = job.pending
                 if cached is not None and previous is not None and self._reuse is not None:
@@ -838,7 +834,8 @@ class Pipeline:
                     started = await self._submit_queued(frame, reader, crop)
                 handles[id(job)] = started
         except TimeoutError:
-            return id(job) not in handles
+            # Reads that ended before the deadline may have made the job needless.
+            return id(job) not in handles and not _late_needless(late, handles, frame, reused_late)
         return False
 
     async def _queue(
@@ -1048,19 +1045,42 @@ def _region_result(job: _Job, reader: str, op: OpResult[Reading] | None) -> Regi
     )
 
 
+def _late_needless(
+    late: tuple[_Job, Sequence[_Job]],
+    handles: Mapping[int, OpHandle[Reading]],
+    frame: Frame,
+    reused_late: list[_Job] | None,
+) -> bool:
+    """Return whether a job that the late job waits for found a code or scanned the frame.
+
+    When one scanned the whole frame and found nothing, the late job is added to
+    ``reused_late`` with an empty reading, which then stands for its decode.
+    """
+    job, waited = late
+    for other in waited:
+        handle = handles.get(id(other))
+        result = handle.result if handle is not None else None
+        if result is not None and result.value is not None and result.value.codes:
+            return True
+    if not any(_scanned_whole_frame(w, handles.get(id(w)), frame) for w in waited):
+        return False
+    if reused_late is not None:
+        reused_late.append(replace(job, reused=Reading(), pending=None))
+    return True
+
+
 def _scanned_whole_frame(job: _Job, handle: OpHandle[Reading] | None, frame: Frame) -> bool:
-    """Return whether a code region's crop is the whole frame and its reading has no code.
+    """Return whether a code region's crop is the whole frame and its read found no code.
 
     A low-resolution photo of one code is often boxed so that the crop's margin reaches
     every edge. Its full-frame decode would then scan the same pixels again: the region
     reader retries at least as much as the full-frame reader, so the decode can find
-    nothing new. The reading counts whether it was read now or repeated from the previous
-    frame; a read that failed or timed out does not count.
+    nothing new. Only a read of this frame that succeeded counts. A reading repeated from
+    an earlier frame does not: the crop's one signature can miss a small code that
+    appeared since, which the decode's tile signatures catch.
     """
     if job.crop is None or job.crop.shape[:2] != frame.image.shape[:2]:
         return False
-    if job.reused is not None:
-        return not job.reused.codes
     result = handle.result if handle is not None else None
     return (
         result is not None

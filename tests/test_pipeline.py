@@ -570,6 +570,33 @@ async def test_late_decode_missed_reported_timeout(
     assert [r.region.class_name for r in missed] == ["frame"]
 
 
+async def test_late_decode_not_reported_after_code_read() -> None:
+    """No full-frame timeout is reported once a code region read its code.
+
+    Another code region's read runs past the deadline, so the decode never starts, but it
+    was not needed.
+    """
+    scene = _scene(15, labels=(0, 0), codes=(1, 1))
+    regions = [*_regions(scene), Region("slow_code", 0.9, Box(0, 0, 30, 30))]
+    routes: dict[str, Reader] = {
+        regions[0].class_name: ThreadCodeReader(),
+        "slow_code": SleepingCodeReader(1.0),
+    }
+    full_frame = RecordingCodeReader()
+    options = PipelineOptions(concurrency=2, op_timeout=30.0, frame_deadline=0.4)
+    pipeline = Pipeline(OracleDetector(regions), routes, code_reader=full_frame, options=options)
+    try:
+        result = await pipeline.process(_frame(scene))
+    finally:
+        await pipeline.aclose()
+    statuses = [(r.origin, r.status) for r in result.regions]
+    assert statuses == [
+        (Origin.DETECTOR, RegionStatus.OK),
+        (Origin.DETECTOR, RegionStatus.TIMEOUT),
+    ]
+    assert full_frame.calls == 0
+
+
 async def test_pipeline_rejects_degenerate_regions(code_reader: CodeReader) -> None:
     """Boxes a few pixels thin are counted as rejected and never read."""
     scene = _scene(17, labels=(0, 0), codes=(0, 0))

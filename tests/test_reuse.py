@@ -278,6 +278,34 @@ async def test_reuse_full_frame_unchanged_frame() -> None:
     assert {c.text for r in second.regions for c in r.reading.codes} == {scene.objects[0].value}
 
 
+async def test_reuse_whole_crop_new_code_beside_box() -> None:
+    """A small code beside a whole-frame code crop's box is decoded, though the crop is reused.
+
+    The crop's one signature misses the code, so its empty reading is repeated. The
+    full-frame decode compares tiles instead, and runs again.
+    """
+    image = np.random.default_rng(5).integers(120, 136, (1080, 1920, 3), dtype=np.uint8)
+    changed = image.copy()
+    # 58 pixels square: too small to change the crop's signature, not a tile's.
+    code = _qr("EDGE-42", scale=2)
+    changed[60 : 60 + code.shape[0], 60 : 60 + code.shape[1]] = code
+    # With the 0.3 margin, the crop of this box is the whole frame.
+    box = Box(300, 170, 1320, 740)
+    reader = CountingCodeReader()
+    pipeline = _full_frame_pipeline(reader, [Region("qr_code", 0.9, box)])
+    try:
+        first = await pipeline.process(_frame(image, 0))
+        second = await pipeline.process(_frame(changed, 1))
+    finally:
+        await pipeline.aclose()
+    assert [r.origin for r in first.regions] == [Origin.DETECTOR]
+    assert [r.reused for r in second.regions if r.origin is Origin.DETECTOR] == [True]
+    found = [
+        c.text for r in second.regions if r.origin is Origin.FULL_FRAME for c in r.reading.codes
+    ]
+    assert found == ["EDGE-42"]
+
+
 async def test_reuse_full_frame_decode_in_flight() -> None:
     """A frame whose decode would start while the last frame's decode runs reuses it."""
     scene = _scene(41)
