@@ -155,9 +155,9 @@ class PipelineConfig:
         frame_deadline: Seconds all region reads of one frame may take together.
         full_frame_codes: When to decode codes over the whole frame as well: ``never``,
             ``always``, or ``when_none_read`` (when no detected region yielded a code, unless
-            a code region's crop is the whole frame and its read found nothing, since that
-            read scanned the same pixels). A
-            frame of over 500,000 pixels is scanned once, without the retries of regions.
+            a code region's crop is the whole frame and its read succeeded without a code: it
+            scanned the same pixels). A frame of over 500,000 pixels is scanned once, without
+            the retries of regions.
         reuse_unchanged: Repeat the previous frame's reading of a region whose box and pixels
             did not change, instead of reading it again. Such regions are marked ``reused``.
             The full-frame code decode's reading is repeated when no tile of the frame changed.

@@ -791,11 +791,12 @@ class Pipeline:
         """Start the late job unless one of the jobs it waits for found a code.
 
         Nor is it started after a job that scanned the whole frame this frame (see
-        :func:`_scanned_whole_frame`): it is added to ``reused_late`` with that job's empty
-        reading, so that the next frame can reuse it. A late job whose pixels the previous
+        :func:`_scanned_whole_frame`): it is added to ``reused_late`` with an empty reading,
+        so that the next frame can reuse it. A late job whose pixels the previous
         frame decoded is not started either: it is added to ``reused_late`` with that
         reading. If that decode was still running, it is awaited first, and its reading is
-        reused only if its signature matches this frame's.
+        reused only if its signature matches this frame's. A reading the job had before the
+        wait is added even if the deadline cuts the wait short.
 
         Returns:
             Whether the deadline came before the job could start, while no job it waits for
@@ -835,7 +836,13 @@ class Pipeline:
                 handles[id(job)] = started
         except TimeoutError:
             # Reads that ended before the deadline may have made the job needless.
-            return id(job) not in handles and not _late_needless(late, handles, frame, reused_late)
+            if id(job) in handles or _late_needless(late, handles, frame, reused_late):
+                return False
+            # The last decode's reading, in hand before the wait, still stands for this one.
+            if job.reused is not None and reused_late is not None:
+                reused_late.append(job)
+                return False
+            return True
         return False
 
     async def _queue(

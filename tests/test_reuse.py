@@ -306,6 +306,60 @@ async def test_reuse_whole_crop_new_code_beside_box() -> None:
     assert found == ["EDGE-42"]
 
 
+class SlowCallReader(Reader):
+    """A code reader that finds nothing, and sleeps for a second on one given call."""
+
+    name = "codes"
+    kind = "thread"
+    crop_margin = 0.3
+
+    def __init__(self, slow_call: int) -> None:
+        self.calls = 0
+        self.slow_call = slow_call
+
+    def read(self, image: Image, cancellation: Cancellation | None = None) -> Reading:
+        self.calls += 1
+        if self.calls == self.slow_call:
+            time.sleep(1.0)
+        return Reading()
+
+
+async def test_reuse_full_frame_kept_past_deadline() -> None:
+    """A repeated full-frame reading stays in the result when a region read misses the deadline.
+
+    The frame is unchanged, so the last decode's reading is in hand, but the late decode
+    waits for the code region reads, and a moved region's read runs past the deadline.
+    """
+    image = np.full((480, 640, 3), 200, np.uint8)
+    code = _qr("EDGE-7", scale=4)
+    image[300 : 300 + code.shape[0], 420 : 420 + code.shape[1]] = code
+    still = Region("qr_code", 0.9, Box(10, 10, 40, 40))
+    moved = [Region("barcode", 0.9, Box(100, y, 40, 40)) for y in (10, 60)]
+    # Calls 1 and 2 read the first frame, and call 3 reads the moved region on the second.
+    regions = SlowCallReader(slow_call=3)
+    full_frame = CountingCodeReader()
+    options = PipelineOptions(concurrency=2, op_timeout=30.0, frame_deadline=0.4)
+    pipeline = Pipeline(
+        SequenceDetector([[still, moved[0]], [still, moved[1]]]),
+        {"qr_code": regions, "barcode": regions},
+        code_reader=full_frame,
+        options=options,
+    )
+    try:
+        await pipeline.process(_frame(image, 0))
+        second = await pipeline.process(_frame(image.copy(), 1))
+    finally:
+        await pipeline.aclose()
+    repeated = [r for r in second.regions if r.origin is Origin.FULL_FRAME]
+    assert full_frame.calls == 1
+    assert [c.text for r in repeated for c in r.reading.codes] == ["EDGE-7"]
+    assert [r.reused for r in repeated] == [True]
+    statuses = {
+        r.region.class_name: r.status for r in second.regions if r.origin is Origin.DETECTOR
+    }
+    assert statuses == {"qr_code": RegionStatus.EMPTY, "barcode": RegionStatus.TIMEOUT}
+
+
 async def test_reuse_full_frame_decode_in_flight() -> None:
     """A frame whose decode would start while the last frame's decode runs reuses it."""
     scene = _scene(41)
