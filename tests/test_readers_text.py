@@ -528,6 +528,23 @@ def test_count_ink_bands_min_share() -> None:
     assert text_module._count_ink_bands(image, 0.2) == 2
 
 
+def test_single_line_check_skips_border_ink(reader: TextReader) -> None:
+    """Two lines on a label cropped with dark background at its sides are not one line.
+
+    Otsu puts the background in the ink class with the print, and it reaches into every row.
+    """
+    label = render_text(["Mature Cheddar", "LOT M1382S"], (400, 84), font_size=26, line_step=38)
+    image = np.zeros((96, 460, 3), dtype=np.uint8)
+    image[:] = (120, 0, 150)  # magenta, BGR
+    image[6:90, 30:430] = label
+
+    assert text_module._count_ink_bands(image) == 1
+    assert not reader.is_single_line(image)
+    text = squeeze(joined_text(reader.read(image)))
+    assert "maturecheddar" in text
+    assert "lotm1382s" in text
+
+
 def test_line_height_of_tilted_box() -> None:
     """A line's height is its box's short side, also when the box is turned."""
     box = _quad(0, 0, 200, 30)

@@ -125,11 +125,12 @@ class TextReader(Reader):
     """Reads lines of text from a crop or a whole frame with PP-OCR through rapidocr.
 
     Crops whose aspect ratio (width / height) is at least ``single_line_aspect`` and whose
-    rows show one band of ink, and crops under 32 pixels high, are read as one line by the
-    recogniser alone. Other inputs go through text detection, then recognition of each
-    detected line. Detection runs at 0.6 of the input's size first, and at its own size
-    when the lines found there are small or may have merged. A small input in which the
-    detector finds no line is detected again at twice its size.
+    rows show one band of ink (not counting ink that touches the crop's edge), and crops
+    under 32 pixels high, are read as one line by the recogniser alone. Other inputs go
+    through text detection, then recognition of each detected line. Detection runs at 0.6
+    of the input's size first, and at its own size when the lines found there are small or
+    may have merged. A small input in which the detector finds no line is detected again at
+    twice its size.
 
     Args:
         threads: onnxruntime intra-op threads per model session, at least 1. Keep
@@ -376,7 +377,7 @@ class TextReader(Reader):
             return True
         if width / height < self.single_line_aspect:
             return False
-        return _count_ink_bands(image) <= 1
+        return _count_ink_bands(image, skip_border=True) <= 1
 
     def _recognise_whole(
         self, image: Image, cancellation: Cancellation | None
@@ -820,16 +821,29 @@ def _pad_with_background(image: Image, pad: int) -> Image:
     return _u8(cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=colour))
 
 
-def _count_ink_bands(image: Image, min_share: float = 0.0) -> int:
+def _count_ink_bands(image: Image, min_share: float = 0.0, *, skip_border: bool = False) -> int:
     """Count horizontal bands of ink rows separated by blank rows, after an Otsu threshold.
 
     Ink is taken to be the minority class, so dark-on-light and light-on-dark both work.
-    Bands of fewer than ``min_share`` times the image's rows are not counted.
+    Bands of fewer than ``min_share`` times the image's rows are not counted. With
+    ``skip_border``, ink that touches the image's edge is left out: around a tilted label,
+    a region's crop takes in background that falls in the ink class with the print and
+    reaches into every row, so that two lines would count as one band.
     """
     grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
     _, binary = cv2.threshold(grey, 0, 1, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
     if binary.mean() > 0.5:
         binary = 1 - binary
+    if skip_border:
+        _, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+        left, top = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
+        right = left + stats[:, cv2.CC_STAT_WIDTH]
+        bottom = top + stats[:, cv2.CC_STAT_HEIGHT]
+        height, width = binary.shape
+        border = (left == 0) | (top == 0) | (right == width) | (bottom == height)
+        # Label 0 is the pixels outside the ink class.
+        border[0] = True
+        binary = np.where(border[labels], 0, binary).astype(np.uint8)
     ink_rows = binary.mean(axis=1) >= _INK_ROW_SHARE
     # Each band starts and ends where the row flags change, with blank rows added around.
     edges = np.flatnonzero(np.diff(np.concatenate([[False], ink_rows, [False]])))
