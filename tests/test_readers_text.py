@@ -389,6 +389,32 @@ def test_text_reader_upscales_blurred_label(
     assert text_without_retry == ""
 
 
+def test_text_reader_upscales_label_missing_lines(
+    reader: TextReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small label whose detection at its own size boxes only some lines is read at 2x.
+
+    The box is the one the default detector draws around the label of the test above. At the
+    crop's own size the text detector boxes the large first line and part of the last, and
+    its probability map shows the three lines between.
+    """
+    rng = np.random.default_rng(1)
+    scene = [render_scene(rng, 1280, 720, labels=(1, 8), codes=(0, 4)) for _ in range(11)][-1]
+    label = next(o for o in scene.objects if o.value.startswith("Organic Whole Milk"))
+    box = Box(910, 297, 209, 96)
+    assert box_iou(box, Box(*(round(v) for v in label.box))) > 0.9
+    crop, _ = crop_with_margin(scene.image, box, reader.crop_margin)
+    expected = ("l5691a", "07.01.2027", "22.71", "871511")
+
+    text = squeeze(joined_text(reader.read(crop)))
+    monkeypatch.setattr(text_module, "_MAX_UNBOXED_SHARE", 1.0)
+    text_without_retry = squeeze(joined_text(reader.read(crop)))
+
+    assert all(word in text for word in expected), text
+    assert "organicwholemilk" in text_without_retry
+    assert not any(word in text_without_retry for word in expected), text_without_retry
+
+
 @pytest.mark.parametrize(("size", "detections"), [((400, 300), 3), ((700, 500), 1)])
 def test_text_reader_retry_pixel_limit(
     reader: TextReader,
