@@ -571,6 +571,21 @@ def test_single_line_check_skips_border_ink(reader: TextReader) -> None:
     assert "lotm1382s" in text
 
 
+@pytest.mark.parametrize("cut", ["top", "bottom"])
+def test_single_line_check_cut_print(reader: TextReader, cut: str) -> None:
+    """Two lines are not one line when the crop's edge cuts the print of one of them."""
+    image = render_text(["MATURE CHEDDAR", "LOT M1382S 4.99"], (470, 110), font_size=30)
+    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    ink_rows = np.flatnonzero((grey < 128).any(axis=1))
+    if cut == "top":
+        crop = np.ascontiguousarray(image[ink_rows[0] :])
+    else:
+        crop = np.ascontiguousarray(image[: ink_rows[-1] + 1])
+
+    assert text_module._count_ink_bands(crop, skip_border=True) == 1
+    assert not reader.is_single_line(crop)
+
+
 def test_line_height_of_tilted_box() -> None:
     """A line's height is its box's short side, also when the box is turned."""
     box = _quad(0, 0, 200, 30)

@@ -5,8 +5,9 @@ detector scales the shorter side up to 736 pixels (``limit_type: min``), so a sm
 crop costs more than a whole frame. It also runs the angle classifier on every line.
 :class:`TextReader` keeps rapidocr's models and post-processing but runs the steps itself:
 it detects lines in a crop downscaled first when its print is large, and upscales only a
-small crop in which no line was found. It sends thin wide crops straight to the recogniser,
-runs the classifier only when asked, and sets the onnxruntime thread count.
+small crop in which no line was found or some text got no line. It sends thin wide crops
+straight to the recogniser, runs the classifier only when asked, and sets the onnxruntime
+thread count.
 By default it also replaces rapidocr's onnxruntime sessions with sessions on equivalent,
 faster graphs (:mod:`edge.readers.graph`).
 
@@ -71,7 +72,8 @@ _MERGED_BAND_SHARE = 0.2
 # A coarse pass that leaves more than this share of its text pixels (probability above the DB
 # threshold) outside its boxes missed lines. On 36 generated scenes and the corpus's text
 # images, two of 143 coarse passes were over it. Their regions gave 12 more words at full
-# size. The highest share of the others was 0.074.
+# size. The highest share of the others was 0.074. The same test decides whether a small
+# input detected at full size is detected again at _RETRY_SCALE.
 _MAX_UNBOXED_SHARE = 0.1
 # Inputs over max_detect_pixels are detected in horizontal strips that overlap by this many
 # detector rows, so a line up to this high, less twice _STRIP_EDGE_MARGIN, lies whole inside
@@ -129,12 +131,13 @@ class TextReader(Reader):
     """Reads lines of text from a crop or a whole frame with PP-OCR through rapidocr.
 
     Crops whose aspect ratio (width / height) is at least ``single_line_aspect`` and whose
-    rows show one band of ink (not counting ink that touches the crop's edge), and crops
-    under 32 pixels high, are read as one line by the recogniser alone. Other inputs go
-    through text detection, then recognition of each detected line. Detection runs at 0.6
-    of the input's size first, and at its own size when the lines found there are small or
-    may have merged. A small input in which the detector finds no line at its own size, or
-    leaves text it saw outside its lines, is detected again at twice its size.
+    rows show one band of ink, counted with and without the ink that touches the crop's
+    edge, and crops under 32 pixels high, are read as one line by the recogniser alone.
+    Other inputs go through text detection, then recognition of each detected line.
+    Detection runs at 0.6 of the input's size first, and at its own size when the lines
+    found there are small or may have merged. A small input in which the detector finds no
+    line at its own size, or leaves text it saw outside its lines, is detected again at
+    twice its size.
 
     Args:
         threads: onnxruntime intra-op threads per model session, at least 1. Keep
@@ -381,7 +384,10 @@ class TextReader(Reader):
             return True
         if width / height < self.single_line_aspect:
             return False
-        return _count_ink_bands(image, skip_border=True) <= 1
+        # Leaving out ink at the edge also drops a line of print that the crop cuts, so both
+        # counts must show one band.
+        bands = max(_count_ink_bands(image), _count_ink_bands(image, skip_border=True))
+        return bands <= 1
 
     def _recognise_whole(
         self, image: Image, cancellation: Cancellation | None
@@ -420,8 +426,10 @@ class TextReader(Reader):
 
         An image of at most ``max_detect_pixels`` pixels is first detected at
         ``_COARSE_SCALE`` times its size (see :meth:`_detect_coarse`). If those lines may be
-        wrong, it is detected whole at its own size, and again at ``_RETRY_SCALE`` times its
-        size if no line was found and that fits in ``max_detect_pixels``.
+        wrong, it is detected whole at its own size. If no line was found there, or more than
+        ``_MAX_UNBOXED_SHARE`` of the text pixels of its probability map lie outside the
+        lines, it is detected again at ``_RETRY_SCALE`` times its size when that fits in
+        ``max_detect_pixels``, and the lines found there are kept if there are more of them.
         A larger one is first detected downscaled to about ``max_detect_pixels``. When the
         lines found there are small (median box height under ``_SMALL_LINE_ROWS`` detector
         rows, as on a receipt scan), small print may have been lost, so the image is
