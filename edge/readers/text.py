@@ -451,6 +451,8 @@ class TextReader(Reader):
                 not boxes or self._missed_lines(prediction, boxes, (height, width))
             ):
                 upscaled = self._detect_part(image, _RETRY_SCALE, cancellation)
+                # NOTE: the count of boxes is a proxy. A pass at 2x that splits lines into more
+                # boxes wins even if it misses a line found at full size.
                 if len(upscaled) > len(boxes):
                     boxes = upscaled
             return _reading_order(boxes)
