@@ -357,12 +357,47 @@ def test_text_reader_small_print_detected_in_strips(monkeypatch: pytest.MonkeyPa
     assert sum(height for height, _ in shapes[1:]) > 1240
     assert found == expected
 
-    monkeypatch.setattr(text_module, "_SMALL_LINE_ROWS", 0.0)
+    monkeypatch.setattr(text_module, "_WHOLE_SMALL_LINE_ROWS", 0.0)
     shapes.clear()
     downscaled = [squeeze(line.text) for line in small.read(image).lines]
     assert len(shapes) == 1
     assert sum(text in expected for text in downscaled) < len(expected)
     small.close()
+
+
+def test_text_reader_document_lines_in_strips(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frame whose downscaled lines are 16 to 20 detector rows high is read in strips.
+
+    The frame is a generated 1280 x 720 scene that the pipeline reads whole, as one
+    document, with the default limit of 300,000 detector pixels. Its downscaled detection
+    gives lines of 18.5 rows (median), and the boxes found there misread prices and a
+    street name.
+    """
+    rng = np.random.default_rng(1)
+    scene = [render_scene(rng, 1280, 720, labels=(1, 8), codes=(0, 4)) for _ in range(12)][-1]
+    small = TextReader(threads=1, max_detect_pixels=300_000)
+    detections: list[tuple[int, ...]] = []
+    original = text_module._run
+
+    def recording(session: Any, tensor: Any, cancellation: Any) -> Any:
+        if tensor.shape[2] != text_module._REC_HEIGHT:
+            detections.append(tuple(tensor.shape[2:]))
+        return original(session, tensor, cancellation)
+
+    monkeypatch.setattr(text_module, "_run", recording)
+    expected = ("177marketstreet", "16.33", "17.13", "58.53")
+
+    text = squeeze(joined_text(small.read(scene.image)))
+    strip_detections = len(detections)
+    monkeypatch.setattr(text_module, "_WHOLE_SMALL_LINE_ROWS", 16.0)
+    detections.clear()
+    text_downscaled = squeeze(joined_text(small.read(scene.image)))
+    small.close()
+
+    assert strip_detections > 1
+    assert all(word in text for word in expected), text
+    assert len(detections) == 1
+    assert sum(word in text_downscaled for word in expected) < len(expected), text_downscaled
 
 
 def test_text_reader_upscales_blurred_label(

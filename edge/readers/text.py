@@ -53,12 +53,18 @@ _MIN_DETECT_HEIGHT = 32
 # Crops smaller than this (pixels) on either side contain no legible glyph, so they return an
 # empty reading.
 _MIN_TEXT_SIDE = 4
+# The coarse pass (see _COARSE_SCALE) keeps its lines only when their median box height is at
+# least this many detector rows.
+_SMALL_LINE_ROWS = 16.0
 # When the lines that the downscaled detection of an input over max_detect_pixels finds have a
 # median box height under this many detector rows, the input is detected again at full
-# resolution in strips. On the 26 text images of the corpus this found 1730 rather than 1698
-# of 1963 words at about the same CPU time. It fired on one receipt scan (median 14 rows)
-# and on none of 16 generated scenes (lowest median 18 rows).
-_SMALL_LINE_ROWS = 16.0
+# resolution in strips. 20 rather than 16 rows was measured in the sequential pipeline of
+# scripts/bench.py. It read 6 more words on the 20 scenes at 720p, 19 more on 20 other scenes
+# at 1080p and 11 more on the corpus's 26 text images, for 2%, 4% and 18% more CPU time. It
+# fired on 1 of 9, 1 of 5 and 8 of 22 such inputs: a frame of each generated set read whole
+# as a document (median 18.5 rows at 720p) and receipt scans. At 24 rows the corpus lost 7
+# words for about 40% more CPU time.
+_WHOLE_SMALL_LINE_ROWS = 20.0
 # Regions of at most _MAX_COARSE_PIXELS are first detected at this scale, on 0.36 of their
 # pixels (see TextReader._detect_coarse). At 0.5, close lines ran together in one box.
 _COARSE_SCALE = 0.6
@@ -431,8 +437,8 @@ class TextReader(Reader):
         lines, it is detected again at ``_RETRY_SCALE`` times its size when that fits in
         ``max_detect_pixels``, and the lines found there are kept if there are more of them.
         A larger one is first detected downscaled to about ``max_detect_pixels``. When the
-        lines found there are small (median box height under ``_SMALL_LINE_ROWS`` detector
-        rows, as on a receipt scan), small print may have been lost, so the image is
+        lines found there are small (median box height under ``_WHOLE_SMALL_LINE_ROWS``
+        detector rows, as on a receipt scan), small print may have been lost, so the image is
         detected again at full resolution in horizontal strips of at most
         ``max_detect_pixels`` detector pixels each, which keeps memory bounded. Strips
         overlap by ``_STRIP_OVERLAP`` rows; an image too wide for strips of
@@ -460,7 +466,7 @@ class TextReader(Reader):
         first = self._detect_part(image, whole_scale, cancellation)
         trim_heap()
         heights = [float(np.ptp(box[:, 1])) * whole_scale for box in first]
-        if not first or float(np.median(heights)) >= _SMALL_LINE_ROWS:
+        if not first or float(np.median(heights)) >= _WHOLE_SMALL_LINE_ROWS:
             return _reading_order(first)
         scale = min(1.0, self.max_detect_pixels / (width * _MIN_STRIP_ROWS))
         det_width = max(_DET_STRIDE, round(width * scale / _DET_STRIDE) * _DET_STRIDE)
