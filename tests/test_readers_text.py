@@ -368,13 +368,16 @@ def test_text_reader_small_print_detected_in_strips(monkeypatch: pytest.MonkeyPa
 def test_text_reader_document_lines_in_strips(monkeypatch: pytest.MonkeyPatch) -> None:
     """A frame whose downscaled lines are 16 to 20 detector rows high is read in strips.
 
-    The frame is a generated 1280 x 720 scene that the pipeline reads whole, as one
-    document, with the default limit of 300,000 detector pixels. Its downscaled detection
-    gives lines of 18.5 rows (median), and the boxes found there misread prices and a
-    street name.
+    The frame is frame 12 of the 720p set of scripts/bench.py (seed 1), which the pipeline
+    reads whole as one document, with ``readers.text.max_detect_pixels`` at its configured
+    default of 300,000. Its downscaled detection gives lines of 18.5 rows (median). The
+    recogniser misreads at least one of these prices or the street name in the lines cut
+    at those boxes.
     """
     rng = np.random.default_rng(1)
     scene = [render_scene(rng, 1280, 720, labels=(1, 8), codes=(0, 4)) for _ in range(12)][-1]
+    truth = squeeze(" ".join(o.value for o in scene.objects if o.class_name == "text"))
+    expected = ("177marketstreet", "16.33", "17.13", "58.53")
     small = TextReader(threads=1, max_detect_pixels=300_000)
     detections: list[tuple[int, ...]] = []
     original = text_module._run
@@ -384,20 +387,27 @@ def test_text_reader_document_lines_in_strips(monkeypatch: pytest.MonkeyPatch) -
             detections.append(tuple(tensor.shape[2:]))
         return original(session, tensor, cancellation)
 
-    monkeypatch.setattr(text_module, "_run", recording)
-    expected = ("177marketstreet", "16.33", "17.13", "58.53")
+    def read_lines() -> list[str]:
+        return [squeeze(line.text) for line in small.read(scene.image).lines]
 
-    text = squeeze(joined_text(small.read(scene.image)))
-    strip_detections = len(detections)
+    monkeypatch.setattr(text_module, "_run", recording)
+    lines = read_lines()
+    first_read_detections = len(detections)
     monkeypatch.setattr(text_module, "_WHOLE_SMALL_LINE_ROWS", 16.0)
     detections.clear()
-    text_downscaled = squeeze(joined_text(small.read(scene.image)))
+    downscaled_lines = read_lines()
     small.close()
 
-    assert strip_detections > 1
-    assert all(word in text for word in expected), text
+    # Another set of fonts renders another scene, and then the words below are not in it.
+    for word in expected:
+        assert word in truth, word
+    # One downscaled detection, then strips.
+    assert first_read_detections > 1
+    for word in expected:
+        assert any(word in line for line in lines), (word, lines)
     assert len(detections) == 1
-    assert sum(word in text_downscaled for word in expected) < len(expected), text_downscaled
+    found_downscaled = [w for w in expected if any(w in line for line in downscaled_lines)]
+    assert len(found_downscaled) < len(expected), downscaled_lines
 
 
 def test_text_reader_upscales_blurred_label(

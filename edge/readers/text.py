@@ -54,16 +54,18 @@ _MIN_DETECT_HEIGHT = 32
 # empty reading.
 _MIN_TEXT_SIDE = 4
 # The coarse pass (see _COARSE_SCALE) keeps its lines only when their median box height is at
-# least this many detector rows.
+# least this many detector rows. 20 was tried, because coarse boxes come out about 1.23x as
+# tall as full-size boxes, but 1080p scenes lost words for about a tenth more CPU time.
 _SMALL_LINE_ROWS = 16.0
 # When the lines that the downscaled detection of an input over max_detect_pixels finds have a
 # median box height under this many detector rows, the input is detected again at full
 # resolution in strips. 20 rather than 16 rows was measured in the sequential pipeline of
-# scripts/bench.py. It read 6 more words on the 20 scenes at 720p, 19 more on 20 other scenes
-# at 1080p and 11 more on the corpus's 26 text images, for 2%, 4% and 18% more CPU time. It
-# fired on 1 of 9, 1 of 5 and 8 of 22 such inputs: a frame of each generated set read whole
-# as a document (median 18.5 rows at 720p) and receipt scans. At 24 rows the corpus lost 7
-# words for about 40% more CPU time.
+# scripts/bench.py, one run each on a 2-core x86-64 VM. It read 6 more words on the 20 scenes
+# at 720p, 19 more on 20 other scenes at 1080p and 11 more on the corpus's 26 text images, for
+# 2%, 4% and 18% more CPU time. Of the inputs over the limit there, the strips ran on 1 of 9,
+# 1 of 5 and 8 of 22 at 20 rows, and on none at 16. They were a frame of each generated set
+# read whole as a document (median 18.5 rows at 720p) and receipt scans. At 24 rows the
+# corpus read 7 fewer words than at 20, for about 40% more CPU time.
 _WHOLE_SMALL_LINE_ROWS = 20.0
 # Regions of at most _MAX_COARSE_PIXELS are first detected at this scale, on 0.36 of their
 # pixels (see TextReader._detect_coarse). At 0.5, close lines ran together in one box.
