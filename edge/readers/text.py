@@ -62,10 +62,11 @@ _SMALL_LINE_ROWS = 16.0
 # resolution in strips. 20 rather than 16 rows was measured in the sequential pipeline of
 # scripts/bench.py, one run each on a 2-core x86-64 VM. It read 6 more words on the 20 scenes
 # at 720p, 19 more on 20 other scenes at 1080p and 11 more on the corpus's 26 text images, for
-# 2%, 4% and 18% more CPU time. Of the inputs over the limit there, the strips ran on 1 of 9,
-# 1 of 5 and 8 of 22 at 20 rows, and on none at 16. They were a frame of each generated set
-# read whole as a document (median 18.5 rows at 720p) and receipt scans. At 24 rows the
-# corpus read 7 fewer words than at 20, for about 40% more CPU time.
+# 2%, 4% and 18% more CPU time. Two alternated pairs of the full pipeline at 720p measured 4%
+# to 6% more CPU time per frame. Of the inputs over the limit in the sequential runs, the
+# strips ran on 1 of 9, 1 of 5 and 8 of 22 at 20 rows, and on none at 16. They were a frame
+# of each generated set read whole as a document (median 18.5 rows at 720p) and receipt
+# scans. At 24 rows the corpus read 7 fewer words than at 20, for about 40% more CPU time.
 _WHOLE_SMALL_LINE_ROWS = 20.0
 # Regions of at most _MAX_COARSE_PIXELS are first detected at this scale, on 0.36 of their
 # pixels (see TextReader._detect_coarse). At 0.5, close lines ran together in one box.
